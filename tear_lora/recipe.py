@@ -1,0 +1,325 @@
+"""Recipes: one YAML file fully describes a run.
+
+A recipe maps one to one onto the dataclasses below. We validate by hand (instead of pydantic) because the
+errors are the interface: every problem names the file, the line and the dotted key path, and a misspelled key
+gets the closest valid one as a suggestion. The `training` section is passed through to TRL's `SFTConfig`
+under its own field names, so every HF training knob is available without us re-declaring it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe problem a user can fix; the message says where and how."""
+
+
+def _choices(*values):
+    return {"choices": values}
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "Qwen/Qwen3-1.7B-Base"  # hub id or local dir
+    revision: str | None = None  # hub branch/tag/commit; recorded in the adapter metadata
+    load_in_4bit: bool = True  # QLoRA: frozen base in 4-bit, adapters in higher precision
+    quant_type: str = field(default="nf4", metadata=_choices("nf4", "fp4"))
+    double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param saved
+    compute_dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))
+    dtype: str = field(default="bfloat16", metadata=_choices("bfloat16", "float16", "float32"))  # unquantized weights
+    attn_implementation: str | None = field(default="sdpa", metadata=_choices(None, "sdpa", "eager", "flash_attention_2"))
+    # PEFT's prepare_model_for_kbit_training upcasts every unquantized weight (the whole embedding too) to fp32.
+    upcast_to_fp32: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TokensConfig:
+    # How the rows of newly added structural tokens start: the mean embedding of descriptive words (see
+    # tokens.py), the mean of all embedding rows, or left as the model has them.
+    init: str = field(default="mean_of_words", metadata=_choices("mean_of_words", "mean", "none"))
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16  # rank: higher increases capacity and memory
+    alpha: int = 32  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"  # "all-linear" or a list of module names
+    use_rslora: bool = False
+    use_dora: bool = False  # better quality per rank; ~2x slower on 4-bit bases
+    bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
+
+
+@dataclass
+class DataConfig:
+    train_file: str = "data/raw/consequences.jsonl"
+    eval_file: str | None = "data/raw/eval.jsonl"
+    max_seq_len: int = 1024
+    # trim_input_left: drop the oldest input tokens until the row fits (response and witness are never cut);
+    # reject: any row over max_seq_len is rejected with its reason.
+    truncation: str = field(default="trim_input_left", metadata=_choices("trim_input_left", "reject"))
+    min_input_tokens: int = 8  # a row whose input would shrink below this is rejected instead of trimmed
+    skip_invalid: bool = False  # keep going past bad rows (they go, verbatim, to a rejects file)
+    processed_dir: str = "data/processed"
+
+
+@dataclass
+class ObjectiveConfig:
+    lambda_: float = field(default=1.0, metadata={"key": "lambda"})  # weight of the witness (consequence) loss
+    lambda_warmup_steps: int = 0  # lambda ramps linearly from 0 over this many optimizer steps
+    loss_chunk_size: int = 1024  # target tokens per logits chunk: peak = chunk * vocab * 4 bytes
+
+
+@dataclass
+class OutputConfig:
+    run_name: str = "run"
+    dir: str = "adapters"
+    overwrite: bool = False  # replace an existing adapters/<run_name>/
+
+
+@dataclass
+class HardwareConfig:
+    gpu_memory_gb: float = 16.0  # the card this recipe is meant for; `tear-lora plan` checks against it
+
+
+# Training keys tear_lora derives itself; setting them in the recipe would be silently ignored otherwise.
+RESERVED_TRAINING_KEYS = {
+    "output_dir": "set output.dir and output.run_name instead",
+    "remove_unused_columns": "tear_lora needs its span-role column and sets this itself",
+    "dataset_kwargs": "tear_lora tokenizes the data itself",
+    "max_length": "set data.max_seq_len instead",
+    "packing": "not supported: span roles are per example",
+    "completion_only_loss": "the loss is defined by objective.lambda",
+    "assistant_only_loss": "the loss is defined by objective.lambda",
+}
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokens: TokensConfig = field(default_factory=TokensConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    training: dict[str, Any] = field(default_factory=dict)  # any SFTConfig / TrainingArguments field
+    output: OutputConfig = field(default_factory=OutputConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    source: str | None = field(default=None, metadata={"internal": True})  # file it was read from
+
+    @property
+    def lambda_(self) -> float:
+        return self.objective.lambda_
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Content hash of the resolved recipe (not of the file's formatting)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.output.run_name
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply `key.path=value` overrides, and validate it into a Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
+        lines = _key_lines(yaml.compose(text))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}:1: a recipe must be a mapping of sections (model, lora, data, ...)")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    recipe = _build(Recipe, raw, "", _Where(str(path), lines))
+    recipe.source = str(path)
+    _validate_values(recipe, _Where(str(path), lines))
+    return recipe
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    recipe = _build(Recipe, raw, "", _Where(source, {}))
+    _validate_values(recipe, _Where(source, {}))
+    return recipe
+
+
+@dataclass
+class _Where:
+    file: str
+    lines: dict[str, int]
+    overridden: set[str] = field(default_factory=set)
+
+    def __call__(self, key_path: str) -> str:
+        line = self.lines.get(key_path)
+        while line is None and "." in key_path:
+            key_path = key_path.rsplit(".", 1)[0]
+            line = self.lines.get(key_path)
+        return f"{self.file}:{line}" if line else self.file
+
+
+def _key_lines(node, prefix: str = "") -> dict[str, int]:
+    """Map each dotted key path to its 1-based line, from the YAML node tree."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key_path = f"{prefix}{key_node.value}"
+            lines[key_path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key_path + "."))
+    return lines
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. objective.lambda=0.5")
+    key_path, value = item.split("=", 1)
+    parts = key_path.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key_path}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def _field_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _build(cls, raw: Any, prefix: str, where: _Where):
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where(prefix.rstrip('.'))}: '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
+    fields = {_field_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            raise RecipeError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'{_suggest(str(key), fields)}")
+    values = {}
+    for key, f in fields.items():
+        if key not in raw:
+            continue
+        key_path, value = prefix + key, raw[key]
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            values[f.name] = _build(hint, value if value is not None else {}, key_path + ".", where)
+        elif key == "training" and cls is Recipe:
+            values[f.name] = _check_training(value if value is not None else {}, where)
+        else:
+            values[f.name] = _check_type(value, hint, key_path, where)
+            choices = f.metadata.get("choices")
+            if choices is not None and values[f.name] not in choices:
+                allowed = ", ".join(repr(c) for c in choices)
+                raise RecipeError(f"{where(key_path)}: '{key_path}' must be one of {allowed}, got {value!r}")
+    return cls(**values)
+
+
+def _check_type(value: Any, hint, key_path: str, where: _Where):
+    """Accept `value` if it fits the annotation; ints widen to floats, nothing else is coerced."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin in (str, bool) and type(value) is origin:
+            return value
+        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        if origin is dict and isinstance(value, dict):
+            return value
+    names = " or ".join(_type_name(o) for o in options)
+    raise RecipeError(f"{where(key_path)}: '{key_path}' must be {names}, got {type(value).__name__} {value!r}")
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint) or hint
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list of strings",
+            dict: "a mapping"}.get(origin, str(hint))
+
+
+def _check_training(raw: Any, where: _Where) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where('training')}: 'training' must be a mapping of SFTConfig fields")
+    from trl import SFTConfig  # deferred: importing TRL takes seconds and most verbs never need it
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    for key in raw:
+        if key in RESERVED_TRAINING_KEYS:
+            raise RecipeError(f"{where('training.' + key)}: 'training.{key}' is not allowed: {RESERVED_TRAINING_KEYS[key]}")
+        if key not in known:
+            raise RecipeError(
+                f"{where('training.' + key)}: unknown key 'training.{key}' (not an SFTConfig field){_suggest(key, known)}"
+            )
+    return dict(raw)
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _validate_values(recipe: Recipe, where: _Where) -> None:
+    """Impossible values, each named by its key path."""
+    checks = [
+        ("lora.r", recipe.lora.r > 0, "must be > 0"),
+        ("lora.alpha", recipe.lora.alpha > 0, "must be > 0"),
+        ("lora.dropout", 0.0 <= recipe.lora.dropout < 1.0, "must be in [0, 1)"),
+        ("data.max_seq_len", recipe.data.max_seq_len >= 16, "must be >= 16"),
+        ("data.min_input_tokens", recipe.data.min_input_tokens >= 0, "must be >= 0"),
+        ("objective.lambda", recipe.objective.lambda_ >= 0.0, "must be >= 0"),
+        ("objective.lambda_warmup_steps", recipe.objective.lambda_warmup_steps >= 0, "must be >= 0"),
+        ("objective.loss_chunk_size", recipe.objective.loss_chunk_size > 0, "must be > 0"),
+        ("output.run_name", bool(recipe.output.run_name) and "/" not in recipe.output.run_name,
+         "must be a non-empty name without '/'"),
+        ("hardware.gpu_memory_gb", recipe.hardware.gpu_memory_gb > 0, "must be > 0"),
+        ("model.name_or_path", bool(recipe.model.name_or_path), "must be non-empty"),
+    ]
+    for key_path, ok, message in checks:
+        if not ok:
+            raise RecipeError(f"{where(key_path)}: '{key_path}' {message}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = recipe.training.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise RecipeError(f"{where('training.' + key)}: 'training.{key}' must be an integer >= 1, got {value!r}")
+
+
+def _to_dict(obj) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_field_key(f): _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("internal")}
+    if isinstance(obj, dict):
+        return {k: _to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_dict(v) for v in obj]
+    return obj

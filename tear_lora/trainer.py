@@ -1,0 +1,129 @@
+"""TearTrainer: TRL's SFTTrainer with the dual span loss. Everything else (optimizer, schedule, eval loop,
+checkpointing, logging, accelerate) stays HF's.
+
+Three hooks are overridden, each for one reason:
+- `compute_loss`: ResponseLoss + lambda * ConsequenceLoss via the chunked loss (loss.py). TRL's own
+  compute_loss cannot be used: its fused LM-head path crashes on PEFT's trainable-token wrapper.
+- `_get_num_items_in_batch`: HF counts label tokens of the whole accumulation window (all micro-batches,
+  all ranks) so a mean stays exact; we count the two spans separately, for the same reason.
+- `log`: adds token-weighted response_loss / witness_loss / lambda / token counts to every log line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from trl import SFTTrainer
+
+from .loss import count_span_tokens, span_loss, span_targets
+from .template import PAD_ROLE
+
+
+class SpanCollator:
+    """Right-pads `input_ids` (pad id), `attention_mask` (0) and `span_roles` (PAD_ROLE, never a target)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        length = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {"input_ids": [], "attention_mask": [], "span_roles": []}
+        for f in features:
+            pad = length - len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
+            batch["span_roles"].append(list(f["span_roles"]) + [PAD_ROLE] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def unwrap_causal_lm(model):
+    """The transformers model inside PEFT / accelerate wrappers (its layers may be PEFT-wrapped)."""
+    model = getattr(model, "module", model)  # DDP
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the (possibly wrapped) model and return the decoder's final hidden states [B, T, H].
+
+    We call the outermost model so DDP and PEFT hooks run as usual, ask it for the logits of one position
+    only (`logits_to_keep=1`), and take the decoder's output with a forward hook, so no full-vocab logits.
+    """
+    captured = []
+    decoder = unwrap_causal_lm(model).get_decoder()
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+class TearTrainer(SFTTrainer):
+    loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's span counts itself
+
+    def __init__(self, *args, lambda_: float = 1.0, lambda_warmup_steps: int = 0, loss_chunk_size: int = 1024,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lambda_ = lambda_
+        self.lambda_warmup_steps = lambda_warmup_steps
+        self.loss_chunk_size = loss_chunk_size
+        # per mode: [response NLL sum, witness NLL sum, response tokens, witness tokens] since the last log
+        self._span_totals = {mode: torch.zeros(4, dtype=torch.float64) for mode in ("train", "eval")}
+
+    def current_lambda(self, training: bool = True) -> float:
+        """lambda, ramped linearly from 0 over the warm-up steps during training; evaluation uses the target."""
+        if not training or self.lambda_warmup_steps <= 0:
+            return self.lambda_
+        return self.lambda_ * min(1.0, self.state.global_step / self.lambda_warmup_steps)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples:
+            return None
+        counts = sum(count_span_tokens(batch["span_roles"]) for batch in batch_samples).to(device)
+        if self.args.world_size > 1:
+            counts = self.accelerator.gather(counts).view(-1, 2).sum(dim=0)
+        return counts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
+        targets = span_targets(inputs["input_ids"], inputs["span_roles"])
+        result = span_loss(hidden, targets, unwrap_causal_lm(model).get_output_embeddings(),
+                           self.current_lambda(model.training), denominators=num_items_in_batch,
+                           chunk_size=self.loss_chunk_size)
+        loss = result.loss
+        if num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * self.args.world_size  # DDP averages gradients over ranks; the counts were global
+        totals = torch.stack([result.response_nll_sum, result.witness_nll_sum, *result.counts]).double().cpu()
+        self._span_totals["train" if model.training else "eval"] += totals
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        totals = self._span_totals[mode]
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+        if totals[2] + totals[3] > 0:
+            prefix = "eval_" if mode == "eval" else ""
+            logs[f"{prefix}response_loss"] = round(float(totals[0] / totals[2].clamp(min=1)), 6)
+            logs[f"{prefix}witness_loss"] = round(float(totals[1] / totals[3].clamp(min=1)), 6)
+            logs[f"{prefix}response_tokens"] = int(totals[2])
+            logs[f"{prefix}witness_tokens"] = int(totals[3])
+            logs[f"{prefix}lambda"] = self.current_lambda(mode == "train")
+        self._span_totals[mode].zero_()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the adapter with the token rows inside it, never whole embedding matrices."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        model.save_pretrained(output_dir, save_embedding_layers=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))

@@ -1,0 +1,151 @@
+import json
+import subprocess
+import sys
+from difflib import SequenceMatcher
+
+import pytest
+
+from tear_lora.data import DataError, load_triples, prepare, read_rows
+from tear_lora.template import RESPONSE, WITNESS
+
+from .conftest import REPO, make_recipe
+
+GOOD = {"input": "Can I freeze milk?", "response": " Yes, up to three months.", "witness": " It thawed fine."}
+
+
+def jsonl(tmp_path, rows, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_bundled_data_sizes_and_fields():
+    train, _ = load_triples(REPO / "data/raw/consequences.jsonl")
+    evals, _ = load_triples(REPO / "data/raw/eval.jsonl")
+    assert len(train) >= 300 and len(evals) >= 60
+    domains = {r.fields["meta"]["domain"] for r in train}
+    assert len(domains) >= 7
+    assert {r.fields["meta"]["valence"] for r in train} >= {"helpful", "harmful"}
+
+
+def test_bundled_data_has_no_near_duplicates_or_overlap():
+    rows = load_triples(REPO / "data/raw/consequences.jsonl")[0] + load_triples(REPO / "data/raw/eval.jsonl")[0]
+    inputs = [r.fields["input"].lower() for r in rows]
+    assert len(set(inputs)) == len(inputs)
+    ids = [r.fields["id"] for r in rows]
+    assert len(set(ids)) == len(ids)
+    worst = max((SequenceMatcher(None, a, b).ratio(), a, b) for i, a in enumerate(inputs) for b in inputs[i + 1:])
+    assert worst[0] < 0.8, worst
+
+
+def test_bad_row_names_file_line_field(tmp_path):
+    path = jsonl(tmp_path, [GOOD, {**GOOD, "witness": ""}, "{not json", {**GOOD, "input": 3}])
+    with pytest.raises(DataError) as err:
+        load_triples(path)
+    message = str(err.value)
+    assert f"{path}:2: field 'witness': must be a non-empty string" in message
+    assert f"{path}:3: invalid JSON" in message
+    assert f"{path}:4: field 'input': must be a non-empty string" in message
+
+
+def test_skip_invalid_writes_rejects_verbatim(tmp_path, tokenizer, tiny_model_dir):
+    bad_line = '{"input": "x", "response": "y"}'
+    path = jsonl(tmp_path, [GOOD, bad_line, {**GOOD, "input": "Other?"}])
+    recipe = make_recipe(tiny_model_dir, tmp_path)
+    prepared = prepare(path, tokenizer, recipe, out_dir=tmp_path / "out", skip_invalid=True)
+    assert len(prepared.dataset) == 2 and prepared.manifest["rows_rejected"] == 1
+    rejects = [json.loads(line) for line in (tmp_path / "out/rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"line": 2, "reason": "field 'witness': must be a non-empty string (missing)", "raw": bad_line}]
+
+
+def test_duplicates_rejected(tmp_path):
+    path = jsonl(tmp_path, [{**GOOD, "id": "a"}, {**GOOD, "id": "b"}, {**GOOD, "input": "x", "id": "a"}])
+    kept, rejects = load_triples(path, skip_invalid=True)
+    assert len(kept) == 1
+    assert rejects[0].reason == "duplicate of the triple at line 1"
+    assert rejects[1].reason.startswith("field 'id': duplicate id 'a'")
+
+
+def test_file_level_problems(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        read_rows(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="file is empty"):
+        read_rows(jsonl(tmp_path, ["", "  "]))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"input": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        read_rows(latin1)
+    with pytest.raises(DataError, match="unsupported format '.txt'"):
+        read_rows(jsonl(tmp_path, [GOOD], name="d.txt"))
+
+
+def test_bom_and_crlf_are_accepted(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\r\n").encode() * 1 + (json.dumps({**GOOD, "input": "b"}) + "\r\n").encode())
+    rows, _ = load_triples(path)
+    assert [r.fields["input"] for r in rows] == [GOOD["input"], "b"]
+
+
+def test_csv_parquet_and_dataset_dir(tmp_path):
+    import csv
+
+    from datasets import Dataset
+
+    csv_path = tmp_path / "d.csv"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["input", "response", "witness"])
+        writer.writeheader()
+        writer.writerow(GOOD)
+        writer.writerow({**GOOD, "input": "multi\nline", "witness": ""})
+        writer.writerow({**GOOD, "input": "third"})
+    kept, rejects = load_triples(csv_path, skip_invalid=True)
+    assert [r.line for r in kept] == [2, 5] and rejects[0].line == 3 and "witness" in rejects[0].reason
+    Dataset.from_list([GOOD, {**GOOD, "input": "b"}]).to_parquet(str(tmp_path / "d.parquet"))
+    assert len(load_triples(tmp_path / "d.parquet")[0]) == 2
+    Dataset.from_list([GOOD]).save_to_disk(str(tmp_path / "ds"))
+    assert len(load_triples(tmp_path / "ds")[0]) == 1
+
+
+def test_truncation_trims_input_from_the_left_never_the_spans(tmp_path, tokenizer, tiny_model_dir):
+    long_input = " ".join(f"word{i}" for i in range(200))
+    row = {"input": long_input, "response": " Fine.", "witness": " It worked."}
+    path = jsonl(tmp_path, [row, {**row, "input": "short"}])
+    recipe = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64})
+    prepared = prepare(path, tokenizer, recipe, out_dir=tmp_path / "o")
+    first = prepared.dataset[0]
+    assert len(first["input_ids"]) == 64 and prepared.manifest["rows_trimmed"] == 1
+    for role, text in ((RESPONSE, " Fine."), (WITNESS, " It worked.")):
+        assert tokenizer.decode([i for i, r in zip(first["input_ids"], first["span_roles"]) if r == role][:-1]) == text
+    assert tokenizer.decode(first["input_ids"]).startswith("<|input|>")
+    assert tokenizer.decode(first["input_ids"]).split("<|/input|>")[0].endswith("word199")
+
+    recipe = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64, "truncation": "reject"})
+    prepared = prepare(path, tokenizer, recipe, out_dir=tmp_path / "o2")
+    assert len(prepared.dataset) == 1 and "truncation: reject" in prepared.manifest["rejects"][0]["reason"]
+
+    huge = {"input": "q", "response": " " + "yes " * 100, "witness": " ok"}
+    prepared = prepare(jsonl(tmp_path, [huge, row], name="h.jsonl"), tokenizer,
+                       make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64}), out_dir=tmp_path / "o3")
+    assert len(prepared.dataset) == 1 and "min_input_tokens" in prepared.manifest["rejects"][0]["reason"]
+
+
+def test_prepare_manifest_and_cache(tmp_path, tokenizer, recipe):
+    prepared = prepare(REPO / "data/raw/eval.jsonl", tokenizer, recipe, out_dir=tmp_path / "p")
+    m = prepared.manifest
+    assert m["rows_kept"] == len(prepared.dataset) >= 60 and m["rows_rejected"] == 0
+    assert m["tokenizer"]["hash"] and m["recipe_hash"] == recipe.hash() and len(m["source_sha256"]) == 64
+    assert set(m["tokens"]) == {"context", "response", "witness", "total"}
+    assert (tmp_path / "p/manifest.json").exists() and (tmp_path / "p/dataset").exists()
+    again = prepare(REPO / "data/raw/eval.jsonl", tokenizer, recipe, out_dir=tmp_path / "p")
+    assert again.dataset["input_ids"] == prepared.dataset["input_ids"]
+
+
+def test_cli_exit_2_without_traceback(tmp_path, tiny_model_dir):
+    path = jsonl(tmp_path, [GOOD, {**GOOD, "witness": None}])
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(f"model:\n  name_or_path: {tiny_model_dir}\ndata:\n  processed_dir: {tmp_path}/proc\n")
+    result = subprocess.run([sys.executable, "-m", "tear_lora.cli", "data", "prepare", str(path), "--recipe",
+                             str(recipe_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{path}:2: field 'witness': must be a non-empty string" in result.stderr
+    assert "Traceback" not in result.stderr
