@@ -7,10 +7,12 @@ that count, and the contributions add up to the true mean.
 
 Memory: a `[batch, seq, vocab]` fp32 logits tensor is 8 x 2048 x 151,936 x 4 bytes = 10 GB. We take the final
 hidden states, keep only positions that predict a response or witness token, and push them through the
-model's own (PEFT-wrapped) output layer in chunks, each under activation checkpointing, so at most one
-chunk of logits exists at a time and it is recomputed in backward. No library does span-weighted chunked CE
-through an arbitrary wrapped output module (cut-cross-entropy and Liger need a raw weight, which would miss
-PEFT's trainable token rows), hence this small function.
+model's own (PEFT-wrapped) output layer in chunks, so at most one chunk of logits exists at a time and it is
+recomputed in backward. For the usual output layer (a frozen Linear, tied or not, with PEFT's trainable token
+rows) `_ProjectedNLL` reads the frozen matrix and the trainable rows directly: no merged [V, H] copy per chunk,
+no full-size weight gradient, one fp32 logits buffer. Any other output module goes through its own forward
+under activation checkpointing. No library does span-weighted chunked CE with PEFT's trainable token rows
+(cut-cross-entropy, Liger and TRL's fused head take one raw weight), hence this small module.
 """
 
 from __future__ import annotations
@@ -55,15 +57,101 @@ def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer) -> tor
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def token_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer, chunk_size: int = 1024) -> torch.Tensor:
+def projection_parts(output_layer):
+    """`(weight, row_ids, rows)` when the output layer is a bias-free `nn.Linear` with a frozen weight, alone or
+    under PEFT's trainable-token wrapper (rows replace those ids); None for anything else (generic path).
+
+    Why: pushing each chunk through PEFT's wrapper rebuilds the full merged [V, H] matrix (`index_copy`) in
+    forward and again in the recomputation, and its backward computes a full [V, H] weight gradient only to keep
+    six rows of it. With the parts in hand we multiply by the frozen matrix and overwrite the six logit columns.
+    """
+    layer = getattr(output_layer, "token_adapter", output_layer)  # TrainableTokensWrapper -> TrainableTokensLayer
+    row_ids = rows = None
+    if hasattr(layer, "trainable_tokens_delta") and hasattr(layer, "base_layer"):
+        if layer.merged or getattr(output_layer, "disable_adapters", False):
+            return None  # merged or switched off through the wrapper: let the module decide
+        active = [] if layer.disable_adapters else [a for a in layer.active_adapters if a in layer.token_indices]
+        base = layer.base_layer
+        if active:
+            row_ids = torch.tensor([i for a in active for i in layer.token_indices[a]], device=base.weight.device)
+            rows = torch.cat([layer.trainable_tokens_delta[a] for a in active]).to(base.weight.dtype)
+    else:
+        base = layer
+    if type(base) is not torch.nn.Linear or base.bias is not None or base.weight.requires_grad:
+        return None
+    return base.weight, row_ids, rows
+
+
+def _project(hidden, weight, row_ids, rows) -> torch.Tensor:
+    logits = hidden @ weight.t()
+    if row_ids is not None:
+        logits[:, row_ids] = hidden @ rows.t()
+    return logits
+
+
+class _ProjectedNLL(torch.autograd.Function):
+    """Per-token NLL of `hidden @ W.T` (W = frozen weight with `rows` at `row_ids`), saving no logits.
+
+    Backward recomputes the chunk's logits and turns them into their gradient in place: one fp32 [chunk, V]
+    buffer (plus the compute-dtype logits it came from) instead of autograd's logits, log-softmax, their
+    gradients and PEFT's two full-size weight copies.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, row_ids, rows):
+        with torch.autocast(hidden.device.type, enabled=False):
+            z = _project(hidden, weight, row_ids, rows).float()  # a no-op copy when the compute dtype is fp32
+            target_logit = z.gather(1, targets[:, None]).squeeze(1)
+            top = z.amax(dim=1, keepdim=True)
+            lse = z.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))  # in place: no second buffer
+        ctx.save_for_backward(hidden, targets, weight, row_ids, rows, lse)
+        return lse - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, targets, weight, row_ids, rows, lse = ctx.saved_tensors
+        with torch.autocast(hidden.device.type, enabled=False):
+            z = _project(hidden, weight, row_ids, rows).float()
+            grad = z.sub_(lse[:, None]).exp_()  # softmax
+            grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
+            grad = grad.mul_(grad_nll[:, None].float()).to(hidden.dtype)
+            grad_rows = None
+            if row_ids is not None:
+                grad_cols = grad[:, row_ids]
+                grad[:, row_ids] = 0  # those columns came from `rows`, not `weight`
+                grad_rows = (grad_cols.float().t() @ hidden.float()).to(rows.dtype) if ctx.needs_input_grad[4] else None
+            grad_hidden = grad @ weight
+            if row_ids is not None:
+                grad_hidden += grad_cols @ rows
+        return grad_hidden, None, None, None, grad_rows
+
+
+def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the output layer would run in: autocast's when active (bf16/fp16 training), else the input's."""
+    device = hidden.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+
+
+def token_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer, chunk_size: int = 1024,
+              fast: bool = True) -> torch.Tensor:
     """Per-token NLL of `targets` given `hidden` [N, H], one chunk of logits alive at a time.
 
-    Under grad, each chunk is checkpointed: its logits are freed after the forward and recomputed in backward.
+    Fast path (a frozen Linear, optionally with PEFT token rows): `_ProjectedNLL`, which recomputes each chunk
+    in backward itself. Anything else: the module under activation checkpointing, so each chunk's logits are
+    freed after the forward and recomputed in backward.
     """
+    parts = projection_parts(output_layer) if fast else None
+    if parts is not None:
+        dtype = compute_dtype(hidden)
+        weight, row_ids, rows = parts
+        weight, rows = weight.to(dtype), rows.to(dtype) if rows is not None else None  # once, not per chunk
+        hidden = hidden.to(dtype)
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if parts is not None:
+            pieces.append(_ProjectedNLL.apply(h, t, weight, row_ids, rows))
+        elif torch.is_grad_enabled() and h.requires_grad:
             pieces.append(checkpoint(_chunk_nll, h, t, output_layer, use_reentrant=False))
         else:
             pieces.append(_chunk_nll(h, t, output_layer))
