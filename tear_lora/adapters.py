@@ -115,3 +115,166 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{adapter_dir}: not a tear_lora adapter dir (no {METADATA_FILE})")
     return json.loads(path.read_text())
+
+
+# ---- loading adapters onto one base ----------------------------------------------------------------------------
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used as asked (wrong base, wrong tokenizer, not an adapter dir); exit status 2."""
+
+
+def adapter_recipe(adapter_dir: str | Path, base: str | None = None):
+    """The recipe an adapter was trained with, pointed at `base` (a local copy of the base) when given."""
+    from .recipe import load_recipe
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists() or not (adapter_dir / METADATA_FILE).exists():
+        raise AdapterError(f"{adapter_dir}: not a tear_lora adapter dir (needs adapter_config.json and {METADATA_FILE})")
+    recipe = load_recipe(adapter_dir / "recipe.yaml")
+    if base is not None:
+        recipe.model.name_or_path = str(base)
+        recipe.model.revision = None
+    return recipe
+
+
+def check_base(adapter_dir: str | Path, recipe, tokenizer) -> dict[str, Any]:
+    """Refuse an adapter whose recorded base or vocabulary differs from the ones about to be used.
+
+    LoRA deltas and token rows are only meaningful on the exact weights they were trained against; on another
+    base they load without error and silently produce a different model. Returns the adapter's metadata.
+    """
+    from transformers import AutoConfig
+
+    from .data import tokenizer_hash
+    from .model import ModelLoadError
+
+    metadata = read_metadata(adapter_dir)
+    cfg = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read the base '{cfg.name_or_path}' (pass --base PATH to a local copy): {e}") from None
+    given, recorded = base_identity(cfg.name_or_path, cfg.revision, config), metadata["base"]
+    # a hub base given as its local cache snapshot (.../snapshots/<commit>) is the same base
+    snapshot = recorded.get("commit_hash") and Path(cfg.name_or_path).name == recorded["commit_hash"]
+    if not (same_base(recorded, given) or snapshot):
+        raise AdapterError(f"{adapter_dir}: trained on base {_describe(recorded)}, but the base given is "
+                           f"{_describe(given)}; pass --base PATH pointing at a copy of the base it was trained on")
+    if tokenizer_hash(tokenizer) != metadata["tokenizer"]["hash"]:
+        raise AdapterError(f"{adapter_dir}: the tokenizer of base '{cfg.name_or_path}' (with the structural tokens) "
+                           f"has hash {tokenizer_hash(tokenizer)}, the adapter was trained with {metadata['tokenizer']['hash']}")
+    return metadata
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    extra = [f"{k} {identity[k][:12]}" for k in ("revision", "commit_hash", "content_sha256") if identity.get(k)]
+    return f"'{identity['name_or_path']}'" + (f" ({', '.join(extra)})" if extra else "")
+
+
+def peft_name(label: str) -> str:
+    """PEFT keeps adapters in ParameterDicts, whose keys may not contain '.', e.g. in 'run-lambda0.5'."""
+    return label.replace(".", "_")
+
+
+class AdapterSet:
+    """One 4-bit base in memory, several adapters on it, switched with `use(name)`.
+
+    Loading the base once and switching adapters (`set_adapter`: LoRA layers and token rows swap together)
+    costs milliseconds, where reloading the base per adapter costs seconds to minutes. Every adapter must
+    record the same base and vocabulary as the first; any other is refused.
+    """
+
+    def __init__(self, first_adapter: str | Path, base: str | None = None):
+        import time
+
+        from .model import load_base, load_tokenizer_for
+
+        self.recipe = adapter_recipe(first_adapter, base)
+        self.tokenizer = load_tokenizer_for(self.recipe)
+        self.metadata: dict[str, dict[str, Any]] = {}
+        self.dirs: dict[str, Path] = {}
+        self.adapter_load_s: dict[str, float] = {}
+        started = time.perf_counter()
+        self._base = load_base(self.recipe, self.tokenizer)
+        self.base_load_s = time.perf_counter() - started
+        self.model = None
+        self.add(first_adapter)
+
+    def add(self, adapter_dir: str | Path) -> str:
+        """Load one more adapter (not activated); returns its name (the run name, made unique)."""
+        import time
+
+        from peft import PeftModel
+
+        started = time.perf_counter()
+        metadata = check_base(adapter_dir, self.recipe, self.tokenizer)
+        label, n = metadata.get("run_name") or Path(adapter_dir).name, 2
+        while peft_name(label) in {peft_name(k) for k in self.metadata}:
+            label, n = f"{metadata.get('run_name')}-{n}", n + 1
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self._base, str(adapter_dir), adapter_name=peft_name(label))
+        else:
+            self.model.load_adapter(str(adapter_dir), adapter_name=peft_name(label))
+        self.model.eval()
+        self.metadata[label], self.dirs[label] = metadata, Path(adapter_dir)
+        self.adapter_load_s[label] = time.perf_counter() - started
+        return label
+
+    def use(self, label: str) -> None:
+        self.model.set_adapter(peft_name(label), inference_mode=True)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.metadata)
+
+
+class MergedModel:
+    """A `tear-lora merge` output (or any HF model dir with the tags), with AdapterSet's interface."""
+
+    def __init__(self, path: str | Path):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .model import guard_bnb_cpu
+        from .recipe import load_recipe, recipe_from_dict
+
+        path = Path(path)
+        self.tokenizer = self.load_tokenizer(path)
+        meta_file, recipe_file = path / METADATA_FILE, path / "recipe.yaml"
+        self.metadata = {path.name: json.loads(meta_file.read_text()) if meta_file.exists() else {}}
+        self.recipe = load_recipe(recipe_file) if recipe_file.exists() else recipe_from_dict({})
+        device_map = "cuda" if torch.cuda.is_available() else None
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map).eval()
+        guard_bnb_cpu(self.model)
+
+    @staticmethod
+    def load_tokenizer(path: str | Path):
+        """The saved tokenizer, which must hold the six tags as single tokens."""
+        from transformers import AutoTokenizer
+
+        from .tokens import structural_token_ids
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            structural_token_ids(tokenizer)
+        except ValueError as e:
+            raise AdapterError(f"{path}: not a tear_lora model ({e})") from None
+        return tokenizer
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.metadata)
+
+    def use(self, label: str) -> None:
+        """One model, nothing to switch."""
+
+
+def open_source(path: str | Path, base: str | None = None):
+    """An adapter dir (4-bit base + adapter, as trained) or a merged model dir, by what the directory holds."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        return AdapterSet(path, base)
+    if (path / "config.json").exists():
+        return MergedModel(path)
+    raise AdapterError(f"{path}: neither an adapter dir (adapter_config.json) nor a model dir (config.json)")

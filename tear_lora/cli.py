@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .adapters import AdapterError
 from .data import DataError
 from .model import ModelLoadError
 from .recipe import RecipeError, load_recipe
 
-USER_ERRORS = (RecipeError, DataError, ModelLoadError)
+USER_ERRORS = (RecipeError, DataError, ModelLoadError, AdapterError)
 
 
 def _recipe_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -64,6 +65,71 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _emit(payload, as_json: bool, text: str) -> None:
+    import json
+
+    print(json.dumps(payload, indent=2, ensure_ascii=False) if as_json else text)
+
+
+def cmd_merge(args) -> int:
+    from .export import merge, verify
+
+    out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base)
+    print(f"merged {args.adapter} into the {args.base_weights} base ({args.dtype}) -> {out}")
+    if not args.verify:
+        return 0
+    r = verify(args.adapter, out, args.data, args.rows, args.base)
+    print(f"verify, {r['rows']} rows / {r['positions']} positions: max |Δlogit| {r['max_abs_logit']:.3g}, mean KL "
+          f"{r['mean_kl']:.3g}, top-1 agreement {r['top1_agreement']:.4f}: "
+          f"{'within' if r['passed'] else 'BEYOND'} tolerance {r['tolerance']}")
+    return 0 if r["passed"] else 3
+
+
+def cmd_generate(args) -> int:
+    from .adapters import open_source
+    from .generate import Sampling, format_generated, generate_triple
+
+    source = open_source(args.source, args.base)
+    out = generate_triple(source.model, source.tokenizer, args.input, args.response,
+                          Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed))
+    _emit(out.as_dict(), args.json, format_generated(out, args.max_new_tokens))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    rows = evaluate(args.sources, args.data, args.base, args.batch_size)
+    _emit(rows, args.json, format_table(rows))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, format_report
+
+    report = compare(args.adapters, args.data, args.prompts, args.plot, args.base, args.max_new_tokens, args.batch_size)
+    _emit(report, args.json, format_report(report, args.max_new_tokens))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .compare import format_report, parse_lambdas, sweep
+
+    report = sweep(args.recipe, parse_lambdas(args.lambdas), args.overrides, args.prompts, args.plot,
+                   args.max_new_tokens)
+    _emit(report, args.json, format_report(report, args.max_new_tokens))
+    return 0
+
+
+def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = False, report: bool = True) -> None:
+    if base:
+        p.add_argument("--base", help="local copy of the base the adapter was trained on (default: its recipe's)")
+    if gen:
+        p.add_argument("--max-new-tokens", type=int, default=64, help="per span (default 64)")
+    if report:
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tear-lora", description="QLoRA adapters that learn to respond and to "
                                      "predict consequences: loss = response + lambda * witness.")
@@ -91,6 +157,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue the newest checkpoint of this run (or the given checkpoint dir)")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("merge", help="adapter -> standalone model dir (plain transformers can load it)")
+    p.add_argument("adapter", help="adapter dir (adapters/<run>)")
+    p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
+    p.add_argument("--base-weights", choices=("dequantized", "original"), default="dequantized",
+                   help="dequantized: the NF4 weights it was trained on (default, reproduces the trained model); "
+                   "original: the unquantized weights (differs by the quantization error)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="export dtype (default bf16)")
+    p.add_argument("--verify", action="store_true", help="compare logits with 4-bit base + adapter; exit 3 "
+                   "beyond tolerance")
+    p.add_argument("--data", help="triples for --verify (default: the recipe's eval file)")
+    p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
+    _release_args(p, report=False)
+    p.set_defaults(func=cmd_merge)
+
+    p = verbs.add_parser("generate", help="generate a response, then its witness (or only the witness)")
+    p.add_argument("source", help="adapter dir or merged model dir")
+    p.add_argument("--input", required=True, help="the input text")
+    p.add_argument("--response", help="a given response: only the witness is predicted")
+    p.add_argument("--seed", type=int, help="random seed (sampling)")
+    p.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
+    p.add_argument("--top-p", type=float, help="sample with nucleus top-p (default: greedy)")
+    _release_args(p, gen=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = verbs.add_parser("eval", help="per-span NLL / perplexity of adapters or merged models, and the base")
+    p.add_argument("sources", nargs="+", help="adapter dirs and/or merged model dirs")
+    p.add_argument("--data", required=True, help="held-out triples (.jsonl, .csv, .parquet, dataset dir)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _release_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("compare", help="adapters of different lambda on one base: table, generations, plot")
+    p.add_argument("adapters", nargs="+", help="adapter dirs (same base)")
+    p.add_argument("--data", required=True, help="held-out triples")
+    p.add_argument("--prompts", help="inputs to generate for: .jsonl ({\"input\": ...}) or .txt (one per line)")
+    p.add_argument("--plot", help="write a PNG of response and witness NLL against lambda")
+    p.add_argument("--batch-size", type=int, default=8)
+    _release_args(p, gen=True)
+    p.set_defaults(func=cmd_compare)
+
+    p = verbs.add_parser("sweep", help="train one adapter per lambda (resumable), then compare them")
+    _recipe_args(p)
+    p.add_argument("--lambdas", required=True, help="comma-separated, e.g. 0,0.5,1,2")
+    p.add_argument("--prompts", help="inputs for side-by-side generations")
+    p.add_argument("--plot", help="PNG path (default: <output.dir>/<run_name>-sweep.png)")
+    _release_args(p, base=False, gen=True)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
