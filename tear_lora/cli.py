@@ -61,7 +61,18 @@ def cmd_train(args) -> int:
     from .train import run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, resume=True if args.resume == "latest" else args.resume)
+    run(recipe, resume=True if args.resume == "latest" else args.resume, force=args.force)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .plan import format_plan, plan
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = plan(recipe)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result, recipe))
     return 0
 
 
@@ -156,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue the newest checkpoint of this run (or the given checkpoint dir)")
+    p.add_argument("--force", action="store_true", help="train even if the memory plan says it will not fit the GPU")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("plan", help="estimate peak GPU memory of a recipe before anything loads")
+    _recipe_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("merge", help="adapter -> standalone model dir (plain transformers can load it)")
     p.add_argument("adapter", help="adapter dir (adapters/<run>)")

@@ -13,6 +13,7 @@ from pathlib import Path
 from .adapters import write_run_metadata
 from .data import prepare
 from .model import add_adapters, format_breakdown, load_base, load_tokenizer_for, trainable_breakdown
+from .plan import check_memory
 from .recipe import Recipe, RecipeError
 from .tokens import structural_token_ids
 from .trainer import SpanCollator, TearTrainer
@@ -74,9 +75,11 @@ def _resolve_resume(recipe: Recipe, resume: str | bool | None) -> Path | None:
     return checkpoint
 
 
-def run(recipe: Recipe, resume: str | bool | None = None) -> Path:
-    """Train one adapter; returns its directory."""
+def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -> Path:
+    """Train one adapter; returns its directory. On CUDA, a recipe the memory plan says cannot fit its GPU is
+    refused before anything loads unless `force`."""
     args = sft_config(recipe)
+    check_memory(recipe, force=force)
     checkpoint = _resolve_resume(recipe, resume)
     tokenizer = load_tokenizer_for(recipe)
     train_data = prepare(recipe.data.train_file, tokenizer, recipe)
