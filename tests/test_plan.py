@@ -1,0 +1,119 @@
+"""`tear-lora plan`: offline config, the 16 GB proof for the real recipe, refusal in `train`, and the estimate
+against a measured CPU step of the tiny model."""
+
+import json
+
+import pytest
+
+from tear_lora import plan as plan_mod
+from tear_lora.plan import GIB, PlanError, Shape, check_memory, estimate, load_model_config, plan
+from tear_lora.recipe import load_recipe
+
+from .conftest import REPO, make_recipe
+
+QWEN = REPO / "recipes" / "qwen3-1.7b-base.yaml"
+
+
+def qwen_recipe(*overrides):
+    return load_recipe(QWEN, list(overrides))
+
+
+def test_shipped_qwen3_config_works_offline():
+    config, source = load_model_config("Qwen/Qwen3-1.7B-Base")  # conftest sets HF_HUB_OFFLINE=1
+    assert "shipped" in source or "cache" in source
+    shape = Shape.from_config(config)
+    assert (shape.vocab, shape.hidden, shape.layers, shape.heads, shape.kv_heads, shape.head_dim,
+            shape.intermediate, shape.tied) == (151_936, 2048, 28, 16, 8, 128, 6144, True)
+
+
+def test_unknown_model_without_config_is_a_plan_error(tmp_path):
+    with pytest.raises(PlanError, match="no config.json"):
+        load_model_config(str(tmp_path / "nowhere"))
+
+
+def test_qwen_recipe_fits_16gb_within_14gb():
+    p = plan(qwen_recipe())
+    assert p.fits and p.card_bytes <= 14e9  # the 16 GB proof: <= 14 GB (decimal) with CUDA context and slack
+    c = p.components
+    assert c["base linear weights (4-bit)"] == 1_409_286_144 // 2  # 28 layers x 50.3M weights at 4 bits
+    assert c["embeddings (tied)"] == 151_936 * 2048 * 2
+    assert 1 * GIB < p.peak_allocated < 8 * GIB
+    assert p.max_micro_batch >= p.micro_batch == 8
+
+
+def test_max_micro_batch_is_the_boundary():
+    recipe = qwen_recipe("data.max_seq_len=2048")
+    p = plan(recipe)
+    shape = Shape.from_config(load_model_config("Qwen/Qwen3-1.7B-Base")[0])
+    assert plan_mod.card_bytes(estimate(recipe, shape, p.max_micro_batch, 2048)[2]) <= p.gpu_bytes
+    assert plan_mod.card_bytes(estimate(recipe, shape, p.max_micro_batch + 1, 2048)[2]) > p.gpu_bytes
+    assert estimate(recipe, shape, 4, 2048)[2] < estimate(recipe, shape, 8, 2048)[2]
+
+
+def test_absurd_recipe_is_refused_on_cuda_but_not_on_cpu_or_when_forced():
+    absurd = qwen_recipe("hardware.gpu_memory_gb=2", "training.per_device_train_batch_size=64",
+                         "data.max_seq_len=2048")
+    with pytest.raises(PlanError, match="--force"):
+        check_memory(absurd, cuda=True)
+    assert not check_memory(absurd, cuda=False).fits  # CPU: printed, not enforced
+    assert not check_memory(absurd, force=True, cuda=True).fits
+
+
+def test_train_runs_the_check_before_loading_anything(monkeypatch, tmp_path):
+    from tear_lora import train
+
+    recipe = qwen_recipe("hardware.gpu_memory_gb=2", "training.per_device_train_batch_size=64",
+                         "training.bf16=false", f"output.dir={tmp_path}")
+    monkeypatch.setattr(train, "check_memory", lambda r, force=False: check_memory(r, force=force, cuda=True))
+    monkeypatch.setattr(train, "load_tokenizer_for", lambda r: pytest.fail("loaded the tokenizer before the plan"))
+    with pytest.raises(PlanError, match="does not fit"):
+        train.run(recipe)
+
+
+def test_cli_plan_json(capsys):
+    from tear_lora.cli import main
+
+    assert main(["plan", str(QWEN), "--json", "--set", "training.per_device_train_batch_size=4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fits"] and result["micro_batch"] == 4 and result["peak_allocated"] < result["card_bytes"]
+
+
+@pytest.mark.slow
+def test_tiny_estimate_matches_a_measured_cpu_step(tiny_model_dir, tmp_path, tokenizer):
+    """One TearTrainer step of the tiny model on CPU, torch allocations traced by the profiler, vs the plan."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    from tear_lora.model import add_adapters, load_base
+    from tear_lora.template import CONTEXT, RESPONSE, WITNESS
+    from tear_lora.tokens import structural_token_ids
+    from tear_lora.train import sft_config
+    from tear_lora.trainer import SpanCollator, TearTrainer
+
+    recipe = make_recipe(tiny_model_dir, tmp_path, training={"per_device_train_batch_size": 4, "max_steps": 1,
+                                                             "gradient_accumulation_steps": 1, "save_strategy": "no"})
+    model = add_adapters(load_base(recipe, tokenizer), recipe, list(structural_token_ids(tokenizer).values()))
+    seq = recipe.data.max_seq_len
+    roles = [CONTEXT] * (seq // 2) + [RESPONSE] * (seq // 4) + [WITNESS] * (seq - seq // 2 - seq // 4)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_list([{"input_ids": torch.randint(0, 151_000, (seq,), generator=g).tolist(),
+                               "span_roles": roles} for _ in range(4)])
+    trainer = TearTrainer(model=model, args=sft_config(recipe, output_dir=tempfile.mkdtemp(dir=tmp_path)),
+                          train_dataset=data, processing_class=tokenizer,
+                          data_collator=SpanCollator(tokenizer.pad_token_id),
+                          loss_chunk_size=recipe.objective.loss_chunk_size)
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    static = sum(t.untyped_storage().nbytes() for t in tensors)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        trainer.train()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        current += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, current)
+    measured = static + peak
+    estimated = plan(recipe).peak_allocated
+    assert 0.8 * measured < estimated < 1.25 * measured, (estimated, measured)
