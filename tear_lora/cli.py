@@ -76,10 +76,11 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _emit(payload, as_json: bool, text: str) -> None:
+def _emit(payload, as_json: bool, text) -> None:
+    """JSON, or the human-readable `text()` (only built when wanted)."""
     import json
 
-    print(json.dumps(payload, indent=2, ensure_ascii=False) if as_json else text)
+    print(json.dumps(payload, indent=2, ensure_ascii=False) if as_json else text())
 
 
 def cmd_merge(args) -> int:
@@ -103,7 +104,7 @@ def cmd_generate(args) -> int:
     source = open_source(args.source, args.base)
     out = generate_triple(source.model, source.tokenizer, args.input, args.response,
                           Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed))
-    _emit(out.as_dict(), args.json, format_generated(out, args.max_new_tokens))
+    _emit(out.as_dict(), args.json, lambda: format_generated(out, args.max_new_tokens))
     return 0
 
 
@@ -111,7 +112,7 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_table
 
     rows = evaluate(args.sources, args.data, args.base, args.batch_size)
-    _emit(rows, args.json, format_table(rows))
+    _emit(rows, args.json, lambda: format_table(rows))
     return 0
 
 
@@ -119,7 +120,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, format_report
 
     report = compare(args.adapters, args.data, args.prompts, args.plot, args.base, args.max_new_tokens, args.batch_size)
-    _emit(report, args.json, format_report(report, args.max_new_tokens))
+    _emit(report, args.json, lambda: format_report(report, args.max_new_tokens))
     return 0
 
 
@@ -128,7 +129,7 @@ def cmd_sweep(args) -> int:
 
     report = sweep(args.recipe, parse_lambdas(args.lambdas), args.overrides, args.prompts, args.plot,
                    args.max_new_tokens)
-    _emit(report, args.json, format_report(report, args.max_new_tokens))
+    _emit(report, args.json, lambda: format_report(report, args.max_new_tokens))
     return 0
 
 

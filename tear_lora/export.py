@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .adapters import METADATA_FILE, AdapterError, AdapterSet, MergedModel, adapter_recipe, check_base
+from .adapters import METADATA_FILE, AdapterError, AdapterSet, adapter_recipe, check_base
 from .model import load_base, load_tokenizer_for
 from .tokens import WITNESS_CLOSE, structural_token_ids
 
@@ -109,7 +109,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "deq
 
 def logit_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     """max |Δlogit|, summed KL(reference || other), top-1 matches and positions, for [T, V] logits."""
-    ref, oth = reference.float(), other.float()
+    ref, oth = reference.double(), other.double()  # fp64: fp32 log-softmax over 150k ids has a ~1e-7 KL floor
     kl = torch.nn.functional.kl_div(oth.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
     return {"max_abs_logit": float((ref - oth).abs().max()), "kl_sum": float(kl.sum(-1).clamp(min=0).sum()),
             "top1_matches": int((ref.argmax(-1) == oth.argmax(-1)).sum()), "positions": ref.shape[0]}
@@ -122,6 +122,7 @@ def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | N
     The merged side is loaded back from disk, so the saved files (weights, tie flag, dtype) are what is checked.
     """
     from tqdm import tqdm
+    from transformers import AutoModelForCausalLM
 
     from .data import prepare
 
@@ -131,7 +132,7 @@ def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | N
         raise MergeError(f"{adapter_dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
     dataset = prepare(data, reference.tokenizer, reference.recipe, save=False).dataset
     dataset = dataset.select(range(min(rows, len(dataset))))
-    merged = MergedModel(merged_dir).model
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map=reference.model.device).eval()
     totals = {"max_abs_logit": 0.0, "kl_sum": 0.0, "top1_matches": 0, "positions": 0}
     with torch.no_grad():
         for row in tqdm(dataset, desc="verify", unit="row"):

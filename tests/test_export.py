@@ -1,0 +1,169 @@
+"""`tear-lora merge`: dequantized merge reproduces the trained model, `original` differs by the quantization
+error, 4-bit merges and wrong bases are refused, and the output stands alone (plain transformers)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tear_lora.adapters import AdapterError, AdapterSet, check_base
+from tear_lora.cli import main
+from tear_lora.export import MergeError, logit_agreement, merge_into
+from tear_lora.model import load_base
+from tear_lora.tokens import WITNESS_CLOSE
+
+from .release_helpers import trained_pair
+
+VERIFY_ROWS = "2"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_model_dir):
+    return trained_pair(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def merged(pair, tmp_path_factory):
+    """Both merge modes through the CLI, each verified: dequantized passes (exit 0), original does not (exit 3)."""
+    out = tmp_path_factory.mktemp("merged")
+    dirs = {}
+    for mode, expected_rc in (("dequantized", 0), ("original", 3)):
+        dirs[mode] = out / mode
+        rc = main(["merge", str(pair["b"]), "--out", str(dirs[mode]), "--base-weights", mode, "--dtype", "fp32",
+                   "--verify", "--rows", VERIFY_ROWS])
+        assert rc == expected_rc, mode
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def reference(pair):
+    """The λ=2 adapter on its 4-bit base: what the merges must reproduce."""
+    return AdapterSet(pair["b"])
+
+
+def _verify(path):
+    return json.loads((path / "verify.json").read_text())
+
+
+def test_dequantized_merge_matches_adapter_on_4bit(merged):
+    result = _verify(merged["dequantized"])
+    assert result["passed"] and result["positions"] > 100
+    assert result["max_abs_logit"] < 1e-4
+    assert result["mean_kl"] < 1e-7
+    assert result["top1_agreement"] == 1.0
+
+
+def test_original_differs_by_about_the_quantization_error(merged, pair, reference):
+    from tear_lora.data import prepare
+
+    dequantized, original = _verify(merged["dequantized"]), _verify(merged["original"])
+    assert not original["passed"]
+    assert original["max_abs_logit"] > 100 * dequantized["max_abs_logit"]
+    assert original["mean_kl"] > 100 * dequantized["mean_kl"]
+    # the gap is the base's own quantization error: 4-bit base vs unquantized base, same rows, no adapter
+    full = load_base(reference.recipe, reference.tokenizer, quantize=False).eval()
+    rows = prepare(pair["eval"], reference.tokenizer, reference.recipe, save=False).dataset
+    kl_sum = positions = 0
+    with torch.no_grad(), reference.model.disable_adapter():
+        for row in rows.select(range(int(VERIFY_ROWS))):
+            ids = torch.tensor([row["input_ids"]])
+            part = logit_agreement(reference.model(input_ids=ids).logits[0], full(input_ids=ids).logits[0])
+            kl_sum, positions = kl_sum + part["kl_sum"], positions + part["positions"]
+    quantization_kl = kl_sum / positions
+    assert 0.2 < original["mean_kl"] / quantization_kl < 5, (original["mean_kl"], quantization_kl)
+
+
+def test_merge_into_4bit_model_refused(pair, reference):
+    with pytest.raises(MergeError, match="4-bit.*erases the adapter"):
+        merge_into(load_base(reference.recipe, reference.tokenizer), pair["b"])
+
+
+def test_mismatched_base_refused(pair, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from tear_lora.tiny import tiny_qwen3
+
+    other = tmp_path / "other-base"  # same architecture and vocabulary, other weights
+    tiny_qwen3(seed=1).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, other / name)
+    rc = main(["merge", str(pair["a"]), "--out", str(tmp_path / "out"), "--base", str(other)])
+    assert rc == 2
+    assert "trained on base" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mismatched_tokenizer_refused(pair, reference, qwen_tokenizer):
+    with pytest.raises(AdapterError, match="tokenizer"):  # the plain Qwen3 vocabulary: no structural tokens
+        check_base(pair["a"], reference.recipe, qwen_tokenizer)
+
+
+def test_output_dir_must_be_empty(pair, merged, capsys):
+    assert main(["merge", str(pair["a"]), "--out", str(merged["dequantized"])]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_merged_files(merged, pair):
+    out = merged["dequantized"]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["tie_word_embeddings"] is True and config["dtype"] == "float32"
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys  # tied: stored once
+    assert not any("lora" in k or "trainable_tokens" in k for k in keys)
+    meta = json.loads((pair["b"] / "tear_lora.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [meta["structural_tokens"][WITNESS_CLOSE], 151643]
+    card = (out / "README.md").read_text()
+    for needed in ("λ = 2.0", "<|input|>{input}<|/input|><|response|>{response}<|/response|><|witness|>",
+                   "Verify", "passed", meta["data"]["train"]["source_sha256"][:16], "eval_witness_loss"):
+        assert needed in card, needed
+
+
+def test_merged_eval_matches_adapter(merged, pair, reference):
+    from tear_lora.evaluate import evaluate, source_rows
+
+    merged_rows = evaluate([merged["dequantized"]], pair["eval"])
+    assert [r["kind"] for r in merged_rows] == ["merged", "base"]
+    for merged_row, adapter_row in zip(merged_rows, source_rows(reference, pair["eval"])):
+        for key in ("response_nll", "witness_nll"):
+            assert merged_row[key] == pytest.approx(adapter_row[key], abs=1e-4)
+
+
+STANDALONE = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+path = sys.argv[1]
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path).eval()
+tags = ["<|input|>", "<|/input|>", "<|response|>", "<|/response|>", "<|witness|>", "<|/witness|>"]
+ids = [tok.encode(t, add_special_tokens=False) for t in tags]
+assert all(len(i) == 1 for i in ids), ids
+close = ids[-1][0]
+
+class CloseAt(LogitsProcessor):  # a random tiny model never says <|/witness|> on its own: make it, at step 3
+    def __init__(self, start): self.start = start
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.start == 2:
+            scores[:, close] = scores.max() + 100
+        return scores
+
+prompt = tok("<|input|>Hi<|/input|><|response|>Hello<|/response|><|witness|>", return_tensors="pt").input_ids
+out = model.generate(prompt, max_new_tokens=20, do_sample=False, logits_processor=LogitsProcessorList([CloseAt(prompt.shape[1])]))
+new = out[0, prompt.shape[1]:].tolist()
+assert new[-1] == close and len(new) == 3, new  # stopped by generation_config.json, 17 tokens early
+assert "tear_lora" not in sys.modules
+print("ok", ids)
+"""
+
+
+def test_merged_dir_loads_with_plain_transformers(merged):
+    result = subprocess.run([sys.executable, "-c", STANDALONE, str(merged["dequantized"])], capture_output=True,
+                            text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok")
