@@ -28,9 +28,9 @@ import time
 
 VOCAB, HIDDEN, TAG_IDS = 151_936, 2048, list(range(151_669, 151_675))
 IMPLS = ("naive", "chunked", "chunked_module", "trl_fused")
-# Predicted bytes per (token x vocab) element for naive, a little above the measured CPU slope (9.5 B in bf16:
-# the bf16 logits, fp32 log-probabilities and gradients alive at once); the others hold one chunk at a time.
-NAIVE_BYTES_PER_ELEMENT = {"bfloat16": 11, "float32": 14}
+# Predicted bytes per (token x vocab) element for naive, a little above the measured CPU slope (12.0 B in bf16
+# for N = 1024..4096: bf16 logits, fp32 copies and gradients alive at once); the others hold one chunk at a time.
+NAIVE_BYTES_PER_ELEMENT = {"bfloat16": 12.5, "float32": 16}
 
 
 def predict_bytes(impl: str, tokens: int, chunk: int, dtype: str, vocab: int = VOCAB, hidden: int = HIDDEN) -> int:
@@ -38,7 +38,7 @@ def predict_bytes(impl: str, tokens: int, chunk: int, dtype: str, vocab: int = V
     width = 2 if dtype == "bfloat16" else 4
     states = tokens * hidden * (4 + 2 * width)  # hidden grad (fp32 accumulate) + the gathered/cast copies
     if impl == "naive":
-        return tokens * vocab * NAIVE_BYTES_PER_ELEMENT[dtype] + 2 * vocab * hidden * width + states
+        return int(tokens * vocab * NAIVE_BYTES_PER_ELEMENT[dtype]) + 2 * vocab * hidden * width + states
     if impl == "chunked_module":
         return min(tokens, chunk) * vocab * (8 + 3 * width) + 2 * vocab * hidden * width + states
     if impl == "trl_fused":
@@ -46,7 +46,7 @@ def predict_bytes(impl: str, tokens: int, chunk: int, dtype: str, vocab: int = V
     return min(tokens, chunk) * vocab * (4 + width) + states
 
 
-def setup(tokens: int, dtype_name: str, device: str, seed: int = 0):
+def setup(tokens: int, dtype_name: str, device: str, vocab: int = VOCAB, hidden: int = HIDDEN, seed: int = 0):
     """A frozen [V, H] head under PEFT's trainable-token wrapper (six tag rows, as the trainer sees it), hidden
     states for N target positions (half response, half witness) and their token ids."""
     import torch
@@ -56,14 +56,15 @@ def setup(tokens: int, dtype_name: str, device: str, seed: int = 0):
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(seed)
-    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False, device=device, dtype=dtype).requires_grad_(False)
+    head = torch.nn.Linear(hidden, vocab, bias=False, device=device, dtype=dtype).requires_grad_(False)
     torch.nn.init.normal_(head.weight, std=0.02)
-    head = TrainableTokensWrapper(head, "default", token_indices=TAG_IDS)
-    hidden = torch.randn(1, tokens + 1, HIDDEN, device=device, dtype=dtype).requires_grad_(True)
-    input_ids = torch.randint(0, VOCAB, (1, tokens + 1), device=device)
+    tags = TAG_IDS if vocab > max(TAG_IDS) else list(range(vocab - len(TAG_IDS), vocab))
+    head = TrainableTokensWrapper(head, "default", token_indices=tags)
+    states = torch.randn(1, tokens + 1, hidden, device=device, dtype=dtype).requires_grad_(True)
+    input_ids = torch.randint(0, vocab, (1, tokens + 1), device=device)
     roles = torch.full((1, tokens + 1), RESPONSE, device=device)
     roles[0, 0], roles[0, 1 + tokens // 2 :] = CONTEXT, WITNESS
-    return head, hidden, input_ids, roles
+    return head, states, input_ids, roles
 
 
 def step(impl: str, head, hidden, input_ids, roles, chunk: int) -> float:
@@ -99,11 +100,12 @@ def step(impl: str, head, hidden, input_ids, roles, chunk: int) -> float:
     return float(loss)
 
 
-def measure(impl: str, tokens: int, chunk: int, dtype: str, device: str, repeat: int) -> dict:
+def measure(impl: str, tokens: int, chunk: int, dtype: str, device: str, repeat: int, vocab: int = VOCAB,
+            hidden: int = HIDDEN) -> dict:
     """Peak bytes above setup and the best time of `repeat` runs, in this process."""
     import torch
 
-    head, hidden, input_ids, roles = setup(tokens, dtype, device)
+    head, states, input_ids, roles = setup(tokens, dtype, device, vocab, hidden)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -113,19 +115,20 @@ def measure(impl: str, tokens: int, chunk: int, dtype: str, device: str, repeat:
     times, loss = [], None
     for _ in range(repeat):
         start = time.perf_counter()
-        loss = step(impl, head, hidden, input_ids, roles, chunk)
+        loss = step(impl, head, states, input_ids, roles, chunk)
         times.append(time.perf_counter() - start)
         if device == "cuda" and len(times) == 1:
             peak = torch.cuda.max_memory_allocated() - base
     if device == "cpu":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"impl": impl, "tokens": tokens, "peak_bytes": int(peak), "time_s": round(min(times), 4),
-            "loss": round(loss, 5), "device": device, "dtype": dtype, "chunk": chunk}
+            "loss": round(loss, 5), "device": device, "dtype": dtype, "chunk": chunk, "vocab": vocab, "hidden": hidden}
 
 
 def run_cpu_worker(impl: str, tokens: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--tokens", str(tokens),
-           "--chunk", str(args.chunk), "--dtype", args.dtype, "--device", "cpu", "--repeat", str(args.repeat)]
+           "--chunk", str(args.chunk), "--dtype", args.dtype, "--device", "cpu", "--repeat", str(args.repeat),
+           "--vocab", str(args.vocab), "--hidden", str(args.hidden)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -153,6 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs per size (default 1 CPU, 3 CUDA)")
     parser.add_argument("--max-gb", type=float, default=None, help="skip sizes predicted above this")
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary rows (smoke tests shrink it)")
+    parser.add_argument("--hidden", type=int, default=HIDDEN)
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -160,14 +165,15 @@ def main(argv=None) -> int:
     tokens = args.tokens or [1024, 4096, 16384]
     impls = args.impl or list(IMPLS)
     if args.worker:
-        print(json.dumps(measure(impls[0], tokens[0], args.chunk, args.dtype, args.device, args.repeat)))
+        print(json.dumps(measure(impls[0], tokens[0], args.chunk, args.dtype, args.device, args.repeat, args.vocab,
+                                 args.hidden)))
         return 0
 
     limit, rows = memory_limit(args), []
     print(f"{'impl':15s} {'tokens':>7s} {'peak MB':>9s} {'time s':>8s}  note", flush=True)
     for n in tokens:
         for impl in impls:
-            predicted = predict_bytes(impl, n, args.chunk, args.dtype)
+            predicted = predict_bytes(impl, n, args.chunk, args.dtype, args.vocab, args.hidden)
             if predicted > limit:
                 row = {"impl": impl, "tokens": n, "peak_bytes": None, "time_s": None, "predicted_bytes": predicted,
                        "skipped": f"predicted {predicted / 1e9:.1f} GB > limit {limit / 1e9:.1f} GB"}
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
                 import torch
 
                 try:
-                    row = measure(impl, n, args.chunk, args.dtype, "cuda", args.repeat)
+                    row = measure(impl, n, args.chunk, args.dtype, "cuda", args.repeat, args.vocab, args.hidden)
                 except torch.cuda.OutOfMemoryError:
                     row = {"impl": impl, "tokens": n, "peak_bytes": None, "time_s": None, "skipped": "out of memory"}
                 torch.cuda.empty_cache()

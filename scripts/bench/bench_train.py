@@ -123,6 +123,29 @@ def rss(field: str) -> int:
     return 0
 
 
+def traced_train(trainer, model):
+    """`trainer.train()` under the torch profiler's memory timeline: the peak of live torch tensors (weights,
+    their 4-bit quantization state, and everything the step allocates) -- on CPU the analogue of
+    `torch.cuda.max_memory_allocated`, free of the allocator caching and library pages that RSS includes."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for param in list(tensors.values()):
+        state = getattr(param, "quant_state", None)
+        for t in (getattr(state, "absmax", None), getattr(getattr(state, "state2", None), "absmax", None)):
+            if t is not None:
+                tensors[id(t)] = t
+    static = sum(t.untyped_storage().nbytes() for t in tensors.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        result = trainer.train()
+    current = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        current += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, current)
+    return result, static + peak
+
+
 def bench_recipe(model_dir: Path, args, micro_batch: int, cuda: bool):
     from tear_lora.recipe import load_recipe
 
@@ -197,7 +220,10 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
-    result = trainer.train()
+    if args.trace_memory:
+        result, traced = traced_train(trainer, model)
+    else:
+        result, traced = trainer.train(), None
     timed = timer.times[1:] or timer.times
     step_s = statistics.median(timed)
     row = {"trainer": args.trainer, "shape": args.shape, "layers": shape_config(args.shape, args.layers).num_hidden_layers,
@@ -217,6 +243,8 @@ def worker(args) -> dict:
     else:
         row |= {"rss_before_load_bytes": base_rss, "rss_after_setup_bytes": setup_rss,
                 "rss_peak_train_bytes": rss("VmHWM"), "rss_peak_above_start_bytes": rss("VmHWM") - base_rss}
+    if traced is not None:
+        row |= {"traced_peak_allocated_bytes": traced, "timing_under_profiler": True}
     if args.trainer == "tear":
         from tear_lora.plan import plan
 
@@ -243,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--optim", help="override the optimizer (default paged_adamw_8bit on CUDA, adamw_torch CPU)")
     parser.add_argument("--peak-tflops", type=float, help="GPU bf16 dense peak for MFU (default: from the name)")
     parser.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "tear_lora_bench_models"))
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="CPU: also trace torch allocations with the profiler (slows the steps down)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", help=argparse.SUPPRESS)
@@ -265,6 +295,7 @@ def main(argv=None) -> int:
                    "--steps", str(args.steps), "--device", args.device, "--chunk", str(args.chunk)]
             for flag, value in (("--layers", args.layers), ("--optim", args.optim), ("--peak-tflops", args.peak_tflops)):
                 cmd += [flag, str(value)] if value is not None else []
+            cmd += ["--trace-memory"] if args.trace_memory else []
             proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
             found = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
             row = json.loads(found[-1][10:]) if found else {
@@ -285,6 +316,8 @@ def print_row(row: dict, device: str) -> None:
            f"MFU {row['mfu']}" if device == "cuda" else
            f"RSS peak {fmt_gb(row['rss_peak_train_bytes'])} GiB  above start {fmt_gb(row['rss_peak_above_start_bytes'])} GiB")
     plan = f"  plan {fmt_gb(row['plan_peak_allocated_bytes'])} GiB" if "plan_peak_allocated_bytes" in row else ""
+    if "traced_peak_allocated_bytes" in row:
+        mem += f"  traced alloc {fmt_gb(row['traced_peak_allocated_bytes'])} GiB"
     print(f"{row['trainer']:5s} {row['shape']} L{row['layers']} seq {row['seq']} mb {row['micro_batch']}: "
           f"{row['time_per_step_s']:8.2f} s/step {row['tokens_per_s']:9.1f} tok/s  {mem}{plan}  "
           f"loss {row['train_loss']}", flush=True)
