@@ -123,7 +123,7 @@ def _sizes(recipe: Recipe, shape: Shape) -> dict[str, float]:
     linears = shape.linears()
     targets = linears if recipe.lora.target_modules == "all-linear" else {
         k: v for k, v in linears.items() if k in recipe.lora.target_modules}
-    trainable = 2 if m.load_in_4bit else 4  # TRL casts adapters of a quantized model to bf16; PEFT keeps fp32
+    trainable = 4  # fp32: PEFT's default, which TearTrainer keeps (TRL alone would cast them to bf16 on 4-bit bases)
     optim = str(training.get("optim", "adamw_torch"))
     states = 2 if "8bit" in optim else trainable / 4 if "adafactor" in optim else 0 if optim == "sgd" else 2 * trainable
     return {"weight": weight, "act": act, "trainable": trainable, "optimizer": states,
