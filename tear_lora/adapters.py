@@ -77,6 +77,12 @@ def _manifest_summary(manifest: dict | None) -> dict | None:
             "tokens": {k: v["sum"] for k, v in manifest["tokens"].items()}}
 
 
+def quantization_identity(cfg) -> dict[str, Any]:
+    """How the base was quantized (a recipe's ModelConfig): the same weights quantized otherwise are another base."""
+    return {"load_in_4bit": cfg.load_in_4bit, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
+            "compute_dtype": cfg.compute_dtype}
+
+
 def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, eval_manifest: dict | None,
                        metrics: dict, trainable: dict, log_history: list | None = None) -> dict:
     from transformers import AutoConfig
@@ -92,8 +98,7 @@ def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, e
         "lambda": recipe.objective.lambda_,
         "lambda_warmup_steps": recipe.objective.lambda_warmup_steps,
         "base": base_identity(cfg.name_or_path, cfg.revision, config),
-        "quantization": {"load_in_4bit": cfg.load_in_4bit, "quant_type": cfg.quant_type,
-                         "double_quant": cfg.double_quant, "compute_dtype": cfg.compute_dtype},
+        "quantization": quantization_identity(cfg),
         "tokenizer": {"hash": tokenizer_hash(tokenizer), "size": len(tokenizer)},
         "structural_tokens": structural_token_ids(tokenizer),
         "data": {"train": _manifest_summary(train_manifest), "eval": _manifest_summary(eval_manifest)},
@@ -209,9 +214,14 @@ class AdapterSet:
 
         started = time.perf_counter()
         metadata = check_base(adapter_dir, self.recipe, self.tokenizer)
-        label, n = metadata.get("run_name") or Path(adapter_dir).name, 2
+        loaded = quantization_identity(self.recipe.model)
+        if metadata.get("quantization", loaded) != loaded:
+            raise AdapterError(f"{adapter_dir}: trained on the base quantized as {metadata['quantization']}, "
+                               f"but the loaded base is {loaded}; compare it in a separate run")
+        name = label = metadata.get("run_name") or Path(adapter_dir).name
+        n = 2
         while peft_name(label) in {peft_name(k) for k in self.metadata}:
-            label, n = f"{metadata.get('run_name')}-{n}", n + 1
+            label, n = f"{name}-{n}", n + 1
         if self.model is None:
             self.model = PeftModel.from_pretrained(self._base, str(adapter_dir), adapter_name=peft_name(label))
         else:

@@ -25,13 +25,14 @@ from .model import load_base, load_tokenizer_for
 from .tokens import WITNESS_CLOSE, structural_token_ids
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# --verify passes when all three hold (merged model vs 4-bit base + adapter, over every non-pad position).
-# fp32 should agree to float rounding; bf16/fp16 round every merged weight to 8/11 mantissa bits, which moves
-# logits by up to ~0.5 on large vocabularies without changing the distribution in any way that matters.
+# --verify passes when all three hold (merged model vs 4-bit base + adapter, over every position of each row).
+# fp32 agrees to float rounding. bf16/fp16 round every merged weight to 8/11 significant bits (~0.2%/0.05%),
+# far below NF4's per-weight error (~10%), so their KL bound stays well under what an `original` merge of a real
+# model shows; max |Δlogit| is loose because large logits carry large absolute rounding.
 TOLERANCES = {
     "fp32": {"max_abs_logit": 1e-3, "mean_kl": 1e-6, "top1": 0.999},
-    "fp16": {"max_abs_logit": 0.5, "mean_kl": 2e-3, "top1": 0.98},
-    "bf16": {"max_abs_logit": 1.0, "mean_kl": 5e-3, "top1": 0.97},
+    "fp16": {"max_abs_logit": 0.5, "mean_kl": 5e-4, "top1": 0.98},
+    "bf16": {"max_abs_logit": 1.0, "mean_kl": 1e-3, "top1": 0.97},
 }
 DEFAULT_VERIFY_ROWS = 16
 
@@ -209,8 +210,13 @@ stay text.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{out_dir.name}")
 model = AutoModelForCausalLM.from_pretrained("{out_dir.name}")
-ids = tok("<|input|>My question<|/input|><|response|>", return_tensors="pt").input_ids
+prompt = "<|input|>My question<|/input|><|response|>"
+ids = tok(prompt, return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=128, eos_token_id=tok.convert_tokens_to_ids("<|/response|>"))
+response = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+ids = tok(prompt + response + "<|/response|><|witness|>", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=128)  # stops at <|/witness|>
+witness = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 ```
 """
     (out_dir / "README.md").write_text(card)

@@ -281,7 +281,8 @@ def _check_training(raw: Any, where: _Where) -> dict[str, Any]:
             raise RecipeError(
                 f"{where('training.' + key)}: unknown key 'training.{key}' (not an SFTConfig field){_suggest(key, known)}"
             )
-    return dict(raw)
+    # YAML 1.1 reads a bare `no` as false; every *_strategy field means the string "no" by it.
+    return {k: "no" if v is False and k.endswith("_strategy") else v for k, v in raw.items()}
 
 
 def _suggest(key: str, valid) -> str:

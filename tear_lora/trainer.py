@@ -68,6 +68,11 @@ class TearTrainer(SFTTrainer):
     def __init__(self, *args, lambda_: float = 1.0, lambda_warmup_steps: int = 0, loss_chunk_size: int = 1024,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        # TRL casts a quantized model's adapters to bf16. We keep them fp32 (PEFT's default): they are a few MB,
+        # and in bf16 small updates to the token rows round away (and 4-bit gradients lose ~0.5%).
+        for param in self.model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         self.lambda_ = lambda_
         self.lambda_warmup_steps = lambda_warmup_steps
         self.loss_chunk_size = loss_chunk_size
@@ -115,6 +120,23 @@ class TearTrainer(SFTTrainer):
             logs[f"{prefix}lambda"] = self.current_lambda(mode == "train")
         self._span_totals[mode].zero_()
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore the adapter into the live parameters on --resume.
+
+        HF resumes PEFT models with `load_adapter`, which leaves the trainable token rows at their initial
+        values; loading the saved adapter state in place restores LoRA and token rows alike.
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = model or self.model
+        weights = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if not hasattr(model, "peft_config") or not os.path.exists(weights):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        result = set_peft_model_state_dict(model, load_file(weights))
+        if result.unexpected_keys:
+            raise RuntimeError(f"{weights} does not match this model: unexpected {result.unexpected_keys[:3]}")
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the adapter with the token rows inside it, never whole embedding matrices."""

@@ -55,3 +55,26 @@ def make_recipe(tiny_model_dir: Path, tmp_path: Path, **sections):
 @pytest.fixture()
 def recipe(tiny_model_dir, tmp_path):
     return make_recipe(tiny_model_dir, tmp_path)
+
+
+def trainable_model(recipe, tokenizer, seed: int = 0):
+    """4-bit tiny base + LoRA + tag rows, initialised reproducibly."""
+    import torch
+
+    from tear_lora.model import add_adapters, load_base
+    from tear_lora.tokens import structural_token_ids
+
+    torch.manual_seed(seed)
+    base = load_base(recipe, tokenizer)
+    return add_adapters(base, recipe, list(structural_token_ids(tokenizer).values()))
+
+
+def make_trainer(model, recipe, tokenizer, train_dataset, output_dir, eval_dataset=None):
+    from tear_lora.train import sft_config
+    from tear_lora.trainer import SpanCollator, TearTrainer
+
+    return TearTrainer(model=model, args=sft_config(recipe, output_dir=output_dir), train_dataset=train_dataset,
+                       eval_dataset=eval_dataset, processing_class=tokenizer,
+                       data_collator=SpanCollator(tokenizer.pad_token_id), lambda_=recipe.lambda_,
+                       lambda_warmup_steps=recipe.objective.lambda_warmup_steps,
+                       loss_chunk_size=recipe.objective.loss_chunk_size)

@@ -78,6 +78,13 @@ def test_adapter_of_another_base_refused(both, pair, tmp_path, capsys):
     assert main(["compare", str(pair["a"]), str(other), "--data", str(pair["eval"])]) == 2
     assert "trained on base" in capsys.readouterr().err
 
+    meta["base"] = json.loads((pair["b"] / "tear_lora.json").read_text())["base"]  # same weights, other NF4 settings
+    meta["quantization"]["double_quant"] = not meta["quantization"]["double_quant"]
+    (other / "tear_lora.json").write_text(json.dumps(meta))
+    with pytest.raises(AdapterError, match="quantized as"):
+        both.add(other)
+    assert len(both.labels) == 2
+
 
 def test_not_an_adapter_dir(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--input", "hi"]) == 2

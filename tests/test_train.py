@@ -1,0 +1,90 @@
+"""`tear-lora train` end to end in subprocesses, as a user runs it: adapter dir, reload, resume after SIGKILL."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+TRAIN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "recipe.yaml", "tear_lora.json", "log_history.json")
+
+
+def write_recipe(tmp_path, tiny_model_dir, run_name, **training):
+    raw = yaml.safe_load((REPO / "recipes/tiny-cpu.yaml").read_text())
+    raw["model"]["name_or_path"] = str(tiny_model_dir)
+    raw["data"].update(train_file=str(REPO / "data/raw/consequences.jsonl"), eval_file=str(REPO / "data/raw/eval.jsonl"),
+                       processed_dir=str(tmp_path / "processed"))
+    raw["output"].update(run_name=run_name, dir=str(tmp_path / "adapters"))
+    raw["training"].update(training)
+    path = tmp_path / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def tear_lora(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "tear_lora.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(process, timeout=600):
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-3000:]
+    return out
+
+
+def test_train_end_to_end_and_reload_in_fresh_process(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "e2e", max_steps=4, save_steps=2, learning_rate=1e-2)
+    out = finish(tear_lora("train", recipe))
+    assert "trainable parameters:" in out and "'response_loss'" in out and "'witness_loss'" in out
+    run_dir = tmp_path / "adapters/e2e"
+    for name in TRAIN_FILES:
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "checkpoints/checkpoint-4/trainer_state.json").exists()
+    meta = json.loads((run_dir / "tear_lora.json").read_text())
+    assert meta["lambda"] == 1.0 and meta["base"]["content_sha256"] and meta["data"]["train"]["rows"] >= 300
+    assert meta["trainable_parameters"]["token_rows"] == 6 * 64
+    from safetensors import safe_open
+
+    with safe_open(run_dir / "adapter_model.safetensors", "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    assert not any(151_936 in shape for shape in shapes.values())  # no whole embedding matrix saved
+
+    # A fresh process with plain transformers + PEFT reproduces the trainer's eval loss.
+    script = f"""
+import json, torch, torch.nn.functional as F
+from datasets import load_from_disk
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                       bnb_4bit_compute_dtype=torch.float32)
+base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r}, dtype=torch.float32, quantization_config=q)
+for m in base.modules():
+    if hasattr(m, "support_avx512bf16_for_cpu"):
+        m.support_avx512bf16_for_cpu = False
+model = PeftModel.from_pretrained(base, {str(run_dir)!r}).eval()
+sums, counts = [0.0, 0.0], [0, 0]
+with torch.no_grad():
+    for row in load_from_disk({str(tmp_path / "processed/eval/dataset")!r}):
+        ids, roles = torch.tensor([row["input_ids"]]), torch.tensor(row["span_roles"][1:])
+        nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
+        for k, role in enumerate((1, 2)):
+            sums[k] += nll[roles == role].sum().item(); counts[k] += int((roles == role).sum())
+print(json.dumps([sums[0] / counts[0], sums[1] / counts[1]]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    response, witness = json.loads(result.stdout.strip().splitlines()[-1])
+    assert response == pytest.approx(meta["metrics"]["eval_response_loss"], abs=1e-4)
+    assert witness == pytest.approx(meta["metrics"]["eval_witness_loss"], abs=1e-4)
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir, "twice", max_steps=1, save_strategy="no")
+    finish(tear_lora("train", recipe))
+    again = tear_lora("train", recipe)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 2 and "already holds a run" in out and "Traceback" not in out

@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from tear_lora.data import prepare
+from tear_lora.tokens import structural_token_ids
+
+from .conftest import REPO, make_recipe, make_trainer, trainable_model
+
+SGD = {"optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
+       "max_steps": 1, "logging_steps": 1, "save_strategy": "no", "report_to": "none"}
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def eight_rows(tmp_path_factory, tiny_model_dir):
+    from tear_lora.tokens import load_tokenizer
+
+    tmp = tmp_path_factory.mktemp("rows")
+    recipe = make_recipe(tiny_model_dir, tmp)
+    return prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(tiny_model_dir)), recipe, save=False).dataset.select(range(8))
+
+
+@pytest.mark.parametrize("lam,four_bit", [(1.0, False), (0.3, False), (1.0, True)])
+def test_gradient_accumulation_is_exact(tmp_path, tiny_model_dir, tokenizer, eight_rows, lam, four_bit):
+    """One SGD step with lr=1 moves each weight by exactly its gradient: compare 8x1, 2x4, 4x2 windows."""
+    results = {}
+    for micro, accum in ((8, 1), (2, 4), (4, 2)):
+        recipe = make_recipe(tiny_model_dir, tmp_path, objective={"lambda": lam}, model={"load_in_4bit": four_bit},
+                             training={**SGD, "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum})
+        model = trainable_model(recipe, tokenizer)
+        before = trainable_state(model)
+        trainer = make_trainer(model, recipe, tokenizer, eight_rows, tmp_path / f"out{micro}")
+        trainer.train()
+        after = trainable_state(model)
+        assert all(p.dtype == torch.float32 for p in after.values())  # adapters stay fp32 (TRL would make them bf16)
+        results[(micro, accum)] = (trainer.state.log_history[0], {n: after[n] - before[n] for n in before})
+    log_ref, step_ref = results[(8, 1)]
+    assert any(s.abs().max() > 0 for s in step_ref.values())
+    tolerance = 1e-5
+    for key, (log, step) in results.items():
+        for name in ("loss", "response_loss", "witness_loss", "response_tokens", "witness_tokens"):
+            assert log[name] == pytest.approx(log_ref[name], rel=1e-4), (key, name)
+        for name, delta in step.items():
+            error = (delta - step_ref[name]).norm() / step_ref[name].norm().clamp(min=1e-12)
+            assert error < tolerance or step_ref[name].abs().max() == delta.abs().max() == 0, (key, name, error)
+
+
+def test_only_lora_and_tag_rows_change(tmp_path, tiny_model_dir, tokenizer, eight_rows):
+    recipe = make_recipe(tiny_model_dir, tmp_path, training={**SGD, "optim": "adamw_torch", "learning_rate": 1e-2,
+                                                              "max_steps": 3, "per_device_train_batch_size": 4})
+    model = trainable_model(recipe, tokenizer)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    embed = model.get_input_embeddings()
+    head = model.get_base_model().get_output_embeddings()
+    rows, hidden = model.get_base_model().get_input_embeddings().weight.shape
+    all_ids, probe = torch.arange(rows), torch.randn(5, hidden)
+    with torch.no_grad():
+        rows_before, logits_before = embed(all_ids).clone(), head(probe).clone()
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names and all("lora_" in n or "trainable_tokens_delta" in n for n in names)
+
+    make_trainer(model, recipe, tokenizer, eight_rows, tmp_path / "out").train()
+
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert torch.equal(param.detach(), frozen_before[name]), name  # base weights bit-identical
+    tags = sorted(structural_token_ids(tokenizer).values())
+    with torch.no_grad():
+        changed_rows = (embed(all_ids) != rows_before).any(dim=1).nonzero().flatten().tolist()
+        changed_cols = (head(probe) != logits_before).any(dim=0).nonzero().flatten().tolist()
+    assert changed_rows == tags  # input side: only the six tag rows
+    assert changed_cols == tags  # tied output side: only the six tag logits
+
+
+def test_lambda_warmup_ramps(tmp_path, tiny_model_dir, tokenizer, eight_rows):
+    recipe = make_recipe(tiny_model_dir, tmp_path, objective={"lambda": 2.0, "lambda_warmup_steps": 4},
+                         training={**SGD, "learning_rate": 1e-3, "max_steps": 3, "per_device_train_batch_size": 8})
+    trainer = make_trainer(trainable_model(recipe, tokenizer), recipe, tokenizer, eight_rows, tmp_path / "o")
+    trainer.train()
+    lambdas = [entry["lambda"] for entry in trainer.state.log_history if "lambda" in entry]
+    assert lambdas == [0.5, 1.0, 1.5]  # logged after each step: 2.0 * step / 4
+    assert trainer.current_lambda(training=False) == 2.0
+
+
+def test_bnb_cpu_guard_keeps_gradients_right_after_eval_forward(tmp_path, tiny_model_dir, tokenizer, eight_rows):
+    """An eval-mode forward (as in an eval loop or generate) must not corrupt later 4-bit backward passes."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from tear_lora.model import add_adapters, load_base
+    from tear_lora.trainer import SpanCollator
+
+    recipe = make_recipe(tiny_model_dir, tmp_path)
+    batch = SpanCollator(tokenizer.pad_token_id)([eight_rows[i] for i in range(4)])
+
+    def lora_grads(model):
+        model.zero_grad()
+        model.train()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits.float().logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+
+    def relative_error(grads, reference):
+        return max(((grads[n] - reference[n]).norm() / reference[n].norm()).item() for n in reference)
+
+    quantized = trainable_model(recipe, tokenizer)
+    with torch.no_grad():  # make LoRA B non-zero so A gets gradients too
+        for name, param in quantized.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+
+    # Reference: the same weights with every 4-bit layer dequantized into a plain Linear.
+    reference = load_base(recipe, tokenizer, quantize=False)
+    for name, module in quantized.get_base_model().named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            dense = reference.get_submodule(name.replace(".base_layer", ""))
+            dense.weight.data = F.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+    reference = add_adapters(reference, recipe, list(structural_token_ids(tokenizer).values()))
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(quantized))
+    expected = lora_grads(reference)
+
+    assert relative_error(lora_grads(quantized), expected) < 1e-3
+    quantized.eval()
+    with torch.no_grad():
+        quantized.generate(batch["input_ids"][:1, :8], max_new_tokens=2, do_sample=False)
+    assert relative_error(lora_grads(quantized), expected) < 1e-3
+
+    # Without the guard, on CPUs with AVX512-BF16, the same sequence gives wrong gradients.
+    if bnb.functional.has_avx512bf16() if hasattr(bnb.functional, "has_avx512bf16") else False:
+        unguarded = trainable_model(recipe, tokenizer)
+        set_peft_model_state_dict(unguarded, get_peft_model_state_dict(quantized))
+        for module in unguarded.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = True
+        unguarded.eval()
+        with torch.no_grad():
+            unguarded(input_ids=batch["input_ids"][:1])
+        assert relative_error(lora_grads(unguarded), expected) > 0.1
