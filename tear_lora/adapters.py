@@ -143,24 +143,31 @@ def adapter_recipe(adapter_dir: str | Path, base: str | None = None):
     return recipe
 
 
-def check_base(adapter_dir: str | Path, recipe, tokenizer) -> dict[str, Any]:
-    """Refuse an adapter whose recorded base or vocabulary differs from the ones about to be used.
-
-    LoRA deltas and token rows are only meaningful on the exact weights they were trained against; on another
-    base they load without error and silently produce a different model. Returns the adapter's metadata.
-    """
+def given_base(recipe) -> dict[str, Any]:
+    """The identity of the base a recipe points at (for a local dir this reads every weight file once)."""
     from transformers import AutoConfig
 
-    from .data import tokenizer_hash
     from .model import ModelLoadError
 
-    metadata = read_metadata(adapter_dir)
     cfg = recipe.model
     try:
         config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ModelLoadError(f"cannot read the base '{cfg.name_or_path}' (pass --base PATH to a local copy): {e}") from None
-    given, recorded = base_identity(cfg.name_or_path, cfg.revision, config), metadata["base"]
+    return base_identity(cfg.name_or_path, cfg.revision, config)
+
+
+def check_base(adapter_dir: str | Path, recipe, tokenizer, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Refuse an adapter whose recorded base or vocabulary differs from the ones about to be used.
+
+    LoRA deltas and token rows are only meaningful on the exact weights they were trained against; on another
+    base they load without error and silently produce a different model. Returns the adapter's metadata.
+    """
+    from .data import tokenizer_hash
+
+    metadata = read_metadata(adapter_dir)
+    cfg = recipe.model
+    given, recorded = given or given_base(recipe), metadata["base"]
     # a hub base given as its local cache snapshot (.../snapshots/<commit>) is the same base
     snapshot = recorded.get("commit_hash") and Path(cfg.name_or_path).name == recorded["commit_hash"]
     if not (same_base(recorded, given) or snapshot):
@@ -200,24 +207,30 @@ class AdapterSet:
         self.metadata: dict[str, dict[str, Any]] = {}
         self.dirs: dict[str, Path] = {}
         self.adapter_load_s: dict[str, float] = {}
+        self._base_identity = given_base(self.recipe)
+        first = self._check(first_adapter)  # refuse before the slow part
         started = time.perf_counter()
         self._base = load_base(self.recipe, self.tokenizer)
         self.base_load_s = time.perf_counter() - started
         self.model = None
-        self.add(first_adapter)
+        self.add(first_adapter, first)
 
-    def add(self, adapter_dir: str | Path) -> str:
+    def _check(self, adapter_dir: str | Path) -> dict[str, Any]:
+        metadata = check_base(adapter_dir, self.recipe, self.tokenizer, self._base_identity)
+        loaded = quantization_identity(self.recipe.model)
+        if metadata.get("quantization", loaded) != loaded:
+            raise AdapterError(f"{adapter_dir}: trained on the base quantized as {metadata['quantization']}, "
+                               f"but the loaded base is {loaded}; compare it in a separate run")
+        return metadata
+
+    def add(self, adapter_dir: str | Path, _checked: dict[str, Any] | None = None) -> str:
         """Load one more adapter (not activated); returns its name (the run name, made unique)."""
         import time
 
         from peft import PeftModel
 
         started = time.perf_counter()
-        metadata = check_base(adapter_dir, self.recipe, self.tokenizer)
-        loaded = quantization_identity(self.recipe.model)
-        if metadata.get("quantization", loaded) != loaded:
-            raise AdapterError(f"{adapter_dir}: trained on the base quantized as {metadata['quantization']}, "
-                               f"but the loaded base is {loaded}; compare it in a separate run")
+        metadata = _checked or self._check(adapter_dir)
         name = label = metadata.get("run_name") or Path(adapter_dir).name
         n = 2
         while peft_name(label) in {peft_name(k) for k in self.metadata}:
