@@ -142,6 +142,18 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def cmd_report(args) -> int:
+    import json
+
+    from .report import plot_training_curves, summary_table
+
+    eval_rows = json.loads(open(args.eval_json).read()) if args.eval_json else None
+    verify = json.loads(open(args.verify_json).read()) if args.verify_json else None
+    print(summary_table(args.adapter, eval_rows, verify))
+    print(f"  training curves: {plot_training_curves(args.adapter, args.plot)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tear-lora", description="QLoRA adapters that learn to respond and to "
                                      "predict consequences: loss = response + lambda * witness.")
@@ -223,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG path (default: <output.dir>/<run_name>-sweep.png)")
     _release_args(p, base=False, gen=True)
     p.set_defaults(func=cmd_sweep)
+
+    p = verbs.add_parser("report", help="summary table and training-curve PNG of a run")
+    p.add_argument("adapter", help="adapters/<run> directory")
+    p.add_argument("--eval-json", help="output of `tear-lora eval ... --json`")
+    p.add_argument("--verify-json", help="verify.json from `tear-lora merge --verify`")
+    p.add_argument("--plot", help="PNG path (default: <adapter>/training_curves.png)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
