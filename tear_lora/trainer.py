@@ -1,12 +1,14 @@
 """TearTrainer: TRL's SFTTrainer with the dual span loss. Everything else (optimizer, schedule, eval loop,
 checkpointing, logging, accelerate) stays HF's.
 
-Three hooks are overridden, each for one reason:
+Hooks overridden, each for one reason:
 - `compute_loss`: ResponseLoss + lambda * ConsequenceLoss via the chunked loss (loss.py). TRL's own
   compute_loss cannot be used: its fused LM-head path crashes on PEFT's trainable-token wrapper.
 - `_get_num_items_in_batch`: HF counts label tokens of the whole accumulation window (all micro-batches,
   all ranks) so a mean stays exact; we count the two spans separately, for the same reason.
 - `log`: adds token-weighted response_loss / witness_loss / lambda / token counts to every log line.
+- `_load_from_checkpoint` / `_run_epoch`: --resume restores the token rows too and never trains past max_steps.
+- `_save`: the adapter with its token rows, never whole embedding matrices.
 """
 
 from __future__ import annotations
@@ -137,6 +139,13 @@ class TearTrainer(SFTTrainer):
         result = set_peft_model_state_dict(model, load_file(weights))
         if result.unexpected_keys:
             raise RuntimeError(f"{weights} does not match this model: unexpected {result.unexpected_keys[:3]}")
+
+    def _run_epoch(self, *args, **kwargs):
+        # HF checks max_steps only after an optimizer step, so resuming a checkpoint at max_steps trained one more
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the adapter with the token rows inside it, never whole embedding matrices."""

@@ -1,8 +1,11 @@
 """`tear-lora train` end to end in subprocesses, as a user runs it: adapter dir, reload, resume after SIGKILL."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -13,10 +16,11 @@ TRAIN_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.js
                "recipe.yaml", "tear_lora.json", "log_history.json")
 
 
-def write_recipe(tmp_path, tiny_model_dir, run_name, **training):
+def write_recipe(tmp_path, tiny_model_dir, run_name, evaluate=True, **training):
     raw = yaml.safe_load((REPO / "recipes/tiny-cpu.yaml").read_text())
     raw["model"]["name_or_path"] = str(tiny_model_dir)
-    raw["data"].update(train_file=str(REPO / "data/raw/consequences.jsonl"), eval_file=str(REPO / "data/raw/eval.jsonl"),
+    raw["data"].update(train_file=str(REPO / "data/raw/consequences.jsonl"),
+                       eval_file=str(REPO / "data/raw/eval.jsonl") if evaluate else None,
                        processed_dir=str(tmp_path / "processed"))
     raw["output"].update(run_name=run_name, dir=str(tmp_path / "adapters"))
     raw["training"].update(training)
@@ -88,3 +92,40 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir):
     again = tear_lora("train", recipe)
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 2 and "already holds a run" in out and "Traceback" not in out
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    steps = dict(max_steps=4, save_steps=2, learning_rate=1e-2, eval_strategy="no", evaluate=False)  # eval: 25 s/run
+    finish(tear_lora("train", write_recipe(tmp_path, tiny_model_dir, "straight", **steps)))
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, "killed", **steps)
+    process = tear_lora("train", recipe, start_new_session=True)
+    checkpoint = tmp_path / "adapters/killed/checkpoints/checkpoint-2/trainer_state.json"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert checkpoint.exists()
+    assert not (tmp_path / "adapters/killed/adapter_model.safetensors").exists()  # it really was interrupted
+
+    straight = load_file(tmp_path / "adapters/straight/adapter_model.safetensors")
+    final = tmp_path / "adapters/killed/adapter_model.safetensors"
+
+    def assert_matches_straight():
+        resumed = load_file(final)
+        assert straight.keys() == resumed.keys()
+        diffs = {name: (straight[name] - resumed[name]).abs().max().item() for name in straight}
+        assert max(diffs.values()) <= 1e-5, diffs
+
+    assert "adapter saved" in finish(tear_lora("train", recipe, "--resume"))
+    assert_matches_straight()
+
+    # Killed after the last checkpoint but before the final save: resuming at max_steps trains nothing more.
+    final.unlink()
+    (tmp_path / "adapters/killed/adapter_config.json").unlink()
+    assert "adapter saved" in finish(tear_lora("train", recipe, "--resume"))
+    assert json.loads((tmp_path / "adapters/killed/tear_lora.json").read_text())["metrics"]["global_step"] == 4
+    assert_matches_straight()
