@@ -28,11 +28,12 @@ EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.fl
 # --verify passes when all three hold (merged model vs 4-bit base + adapter, over every position of each row).
 # fp32 agrees to float rounding. bf16/fp16 round every merged weight to 8/11 significant bits (~0.2%/0.05%),
 # far below NF4's per-weight error (~10%), so their KL bound stays well under what an `original` merge of a real
-# model shows; max |Δlogit| is loose because large logits carry large absolute rounding.
+# model shows; max |Δlogit| is loose because large logits carry large absolute rounding, and top-1 because
+# near-ties flip under any rounding (the flat distributions of a random tiny model have many).
 TOLERANCES = {
     "fp32": {"max_abs_logit": 1e-3, "mean_kl": 1e-6, "top1": 0.999},
-    "fp16": {"max_abs_logit": 0.5, "mean_kl": 5e-4, "top1": 0.98},
-    "bf16": {"max_abs_logit": 1.0, "mean_kl": 1e-3, "top1": 0.97},
+    "fp16": {"max_abs_logit": 0.5, "mean_kl": 5e-4, "top1": 0.97},
+    "bf16": {"max_abs_logit": 1.0, "mean_kl": 1e-3, "top1": 0.95},
 }
 DEFAULT_VERIFY_ROWS = 16
 
