@@ -125,7 +125,7 @@ def test_sweep_skips_finished_and_resumes_checkpointed(pair, tmp_path, capsys):
     (out_dir / "pair-lambda2" / "tear_lora.json").unlink()
     [run_dir] = train_sweep(sweep_recipes(pair["recipe"], [2.0], [f"output.dir={out_dir}"]))
     meta = json.loads((run_dir / "tear_lora.json").read_text())
-    assert meta["lambda"] == 2.0 and meta["metrics"]["global_step"] >= 2
+    assert meta["lambda"] == 2.0 and meta["metrics"]["global_step"] == 2  # resumed at max_steps: no extra step
     assert f"resuming {run_dir} from checkpoint-2" in capsys.readouterr().err
 
 
