@@ -74,9 +74,19 @@ def fit_embeddings(model, tokenizer, init: str = "mean_of_words") -> list[int]:
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=RESIZE_MULTIPLE, mean_resizing=False)
+        _fill_padding_rows(model, rows, len(tokenizer))
     if init != "none":
         _init_rows(model, tokenizer, ids, init)
     return list(ids.values())
+
+
+@torch.no_grad()
+def _fill_padding_rows(model, old_rows: int, used_rows: int) -> None:
+    """Rows past the tokenizer exist only for the multiple-of-64 shape; give them the mean of the original rows
+    (instead of the resize's random init) so every load of the same base yields bit-identical matrices."""
+    for weight in {id(w): w for w in (model.get_input_embeddings().weight,
+                                      getattr(model.get_output_embeddings(), "weight", None)) if w is not None}.values():
+        weight[used_rows:] = weight[:old_rows].float().mean(dim=0).to(weight.dtype)
 
 
 @torch.no_grad()

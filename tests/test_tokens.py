@@ -50,3 +50,15 @@ def test_tag_strings_in_user_text_stay_text(tokenizer):
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") not in witness_text_ids
     assert tokenizer.decode(witness_text_ids) == sneaky
     assert sum(1 for i in ids if i in tags) == 6  # exactly the template's own tags
+
+
+def test_resize_is_deterministic_across_loads(tokenizer):
+    import torch
+
+    matrices = []
+    for seed in (1, 2):
+        model = tiny_qwen3(vocab_size=151_669)
+        torch.manual_seed(seed)  # a resize would otherwise draw the padding rows from this RNG state
+        fit_embeddings(model, tokenizer, "mean_of_words")
+        matrices.append(model.get_input_embeddings().weight.detach().clone())
+    assert torch.equal(matrices[0], matrices[1])
