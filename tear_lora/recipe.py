@@ -281,8 +281,20 @@ def _check_training(raw: Any, where: _Where) -> dict[str, Any]:
             raise RecipeError(
                 f"{where('training.' + key)}: unknown key 'training.{key}' (not an SFTConfig field){_suggest(key, known)}"
             )
-    # YAML 1.1 reads a bare `no` as false; every *_strategy field means the string "no" by it.
-    return {k: "no" if v is False and k.endswith("_strategy") else v for k, v in raw.items()}
+    return {key: _yaml_quirks(key, value) for key, value in raw.items()}
+
+
+def _yaml_quirks(key: str, value: Any) -> Any:
+    """YAML 1.1 reads a bare `no` as false (every *_strategy field means the string "no") and `5e-2` (no dot)
+    as a string; TrainingArguments would only fail on them deep inside the optimizer."""
+    if value is False and key.endswith("_strategy"):
+        return "no"
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _suggest(key: str, valid) -> str:

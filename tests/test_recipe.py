@@ -54,8 +54,11 @@ def test_invalid_yaml_names_line(tmp_path):
 
 def test_overrides_are_typed(tmp_path):
     path = write(tmp_path, "objective:\n  lambda: 1.0\n")
-    recipe = load_recipe(path, ["objective.lambda=0.5", "lora.r=8", "training.max_steps=3", "output.run_name=x"])
+    recipe = load_recipe(path, ["objective.lambda=0.5", "lora.r=8", "training.max_steps=3", "output.run_name=x",
+                                "training.learning_rate=5e-2", "training.save_strategy=no", "training.optim=adamw_torch"])
     assert recipe.lambda_ == 0.5 and recipe.lora.r == 8 and recipe.training["max_steps"] == 3
+    assert recipe.training["learning_rate"] == 0.05 and recipe.training["save_strategy"] == "no"
+    assert recipe.training["optim"] == "adamw_torch"
     with pytest.raises(RecipeError, match="unknown key 'objective.lamda'; did you mean 'lambda'"):
         load_recipe(path, ["objective.lamda=2"])
     with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
