@@ -89,7 +89,10 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
     # LoRA A is drawn from torch's RNG (randomly seeded per process); Trainer seeds only after the model exists
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
-    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+    if args.full_determinism:
+        enable_full_determinism(args.seed)
+    else:
+        set_seed(args.seed)
     model = load_base(recipe, tokenizer)
     token_ids = list(structural_token_ids(tokenizer).values())
     model = add_adapters(model, recipe, token_ids, gradient_checkpointing=args.activation_checkpointing)
