@@ -8,7 +8,9 @@ a one-paragraph message, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from .adapters import AdapterError
 from .data import DataError
@@ -66,8 +68,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import json
-
     from .plan import format_plan, plan
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -78,8 +78,6 @@ def cmd_plan(args) -> int:
 
 def _emit(payload, as_json: bool, text) -> None:
     """JSON, or the human-readable `text()` (only built when wanted)."""
-    import json
-
     print(json.dumps(payload, indent=2, ensure_ascii=False) if as_json else text())
 
 
@@ -143,12 +141,10 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
 
 
 def cmd_report(args) -> int:
-    import json
-
     from .report import plot_training_curves, summary_table
 
-    eval_rows = json.loads(open(args.eval_json).read()) if args.eval_json else None
-    verify = json.loads(open(args.verify_json).read()) if args.verify_json else None
+    eval_rows = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
+    verify = json.loads(Path(args.verify_json).read_text()) if args.verify_json else None
     print(summary_table(args.adapter, eval_rows, verify))
     print(f"  training curves: {plot_training_curves(args.adapter, args.plot)}")
     return 0
