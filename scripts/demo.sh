@@ -27,7 +27,6 @@ tear-lora eval "$RUN" --data "$EVAL" --json > "$RUN/eval.json"
 python -c "import json,sys; from tear_lora.evaluate import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$RUN/eval.json"
 
 echo "== 4/6 merge into the dequantized base, verify against 4-bit base + adapter"
-rm -rf "$MERGED"
 tear-lora merge "$RUN" --out "$MERGED" --dtype fp32 --verify --rows 8
 
 echo "== 5/6 generate on three held-out inputs (merged model, plain transformers weights)"

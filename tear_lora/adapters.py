@@ -1,142 +1,42 @@
-"""The adapter directory format, and loading adapters (one base, many lambda) for comparison.
+"""Loading adapters: one 4-bit base, many adapters (one per λ) switched in place; merged dirs alike.
 
-`adapters/<run>/` holds:
-  adapter_config.json, adapter_model.safetensors   PEFT adapter: LoRA + the six structural token rows
-  tokenizer.json, tokenizer_config.json            the base tokenizer with the structural tokens
-  recipe.yaml                                      the resolved recipe (re-run it to reproduce)
-  tear_lora.json                                   what to compare runs by (schema below)
-  checkpoints/                                     Trainer checkpoints (for --resume)
+Every loader goes through metadata.read_metadata first (a damaged or unknown-format adapter is refused before
+anything loads), and `trust_remote_code` is never read from an adapter's or merged dir's own files: only the
+caller decides it (the --trust-remote-code flag).
 """
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
-METADATA_FILE = "tear_lora.json"
-METADATA_VERSION = 1
-
-
-def base_identity(name_or_path: str, revision: str | None = None, config=None) -> dict[str, Any]:
-    """How we recognise a base model: hub id + revision + commit, or a content hash of a local dir's weights."""
-    identity = {"name_or_path": name_or_path, "revision": revision,
-                "commit_hash": getattr(config, "_commit_hash", None) if config is not None else None,
-                "content_sha256": None}
-    path = Path(name_or_path)
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json")):
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-        identity["content_sha256"] = digest.hexdigest()
-    return identity
-
-
-def same_base(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Content hashes decide when both have one; otherwise hub id, revision and commit must agree."""
-    if a.get("content_sha256") and b.get("content_sha256"):
-        return a["content_sha256"] == b["content_sha256"]
-
-    def agree(key: str) -> bool:
-        return a.get(key) is None or b.get(key) is None or a[key] == b[key]
-
-    return a.get("name_or_path") == b.get("name_or_path") and agree("revision") and agree("commit_hash")
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("tear_lora", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _manifest_summary(manifest: dict | None) -> dict | None:
-    if manifest is None:
-        return None
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-    return {"source": manifest["source"], "source_sha256": manifest["source_sha256"], "manifest_sha256": digest,
-            "rows": manifest["rows_kept"], "rows_rejected": manifest["rows_rejected"],
-            "tokens": {k: v["sum"] for k, v in manifest["tokens"].items()}}
-
-
-def quantization_identity(cfg) -> dict[str, Any]:
-    """How the base was quantized (a recipe's ModelConfig): the same weights quantized otherwise are another base."""
-    return {"load_in_4bit": cfg.load_in_4bit, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
-            "compute_dtype": cfg.compute_dtype}
-
-
-def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, eval_manifest: dict | None,
-                       metrics: dict, trainable: dict, log_history: list | None = None) -> dict:
-    from transformers import AutoConfig
-
-    from .data import tokenizer_hash
-    from .tokens import structural_token_ids
-
-    cfg = recipe.model
-    config = AutoConfig.from_pretrained(cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    metadata = {
-        "format_version": METADATA_VERSION,
-        "run_name": recipe.output.run_name,
-        "lambda": recipe.objective.lambda_,
-        "lambda_warmup_steps": recipe.objective.lambda_warmup_steps,
-        "base": base_identity(cfg.name_or_path, cfg.revision, config),
-        "quantization": quantization_identity(cfg),
-        "tokenizer": {"hash": tokenizer_hash(tokenizer), "size": len(tokenizer)},
-        "structural_tokens": structural_token_ids(tokenizer),
-        "data": {"train": _manifest_summary(train_manifest), "eval": _manifest_summary(eval_manifest)},
-        "recipe_sha256": recipe.hash(),
-        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
-        "trainable_parameters": trainable,
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    (run_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    if log_history is not None:
-        (run_dir / "log_history.json").write_text(json.dumps(log_history, indent=1))
-    return metadata
-
-
-def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
-    path = Path(adapter_dir) / METADATA_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{adapter_dir}: not a tear_lora adapter dir (no {METADATA_FILE})")
-    return json.loads(path.read_text())
-
+from .metadata import (
+    METADATA_FILE,
+    AdapterError,
+    base_identity,
+    quantization_identity,
+    read_metadata,
+    same_base,
+)
+from .rundir import incomplete_reason
 
 # ---- loading adapters onto one base ----------------------------------------------------------------------------
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be used as asked (wrong base, wrong tokenizer, not an adapter dir); exit status 2."""
+def adapter_recipe(adapter_dir: str | Path, base: str | None = None, trust_remote_code: bool = False):
+    """The recipe an adapter was trained with, pointed at `base` (a local copy of the base) when given.
 
-
-def adapter_recipe(adapter_dir: str | Path, base: str | None = None):
-    """The recipe an adapter was trained with, pointed at `base` (a local copy of the base) when given."""
+    `trust_remote_code` is the caller's (the --trust-remote-code flag), never the adapter's recipe.yaml: a
+    shared adapter must not be able to make us run Python shipped with whatever base it names.
+    """
     from .recipe import load_recipe
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists() or not (adapter_dir / METADATA_FILE).exists():
         raise AdapterError(f"{adapter_dir}: not a tear_lora adapter dir (needs adapter_config.json and {METADATA_FILE})")
+    read_metadata(adapter_dir)  # a damaged adapter is refused before anything loads
     recipe = load_recipe(adapter_dir / "recipe.yaml")
+    recipe.model.trust_remote_code = trust_remote_code
     if base is not None:
         recipe.model.name_or_path = str(base)
         recipe.model.revision = None
@@ -197,12 +97,12 @@ class AdapterSet:
     record the same base and vocabulary as the first; any other is refused.
     """
 
-    def __init__(self, first_adapter: str | Path, base: str | None = None):
+    def __init__(self, first_adapter: str | Path, base: str | None = None, trust_remote_code: bool = False):
         import time
 
         from .model import load_base, load_tokenizer_for
 
-        self.recipe = adapter_recipe(first_adapter, base)
+        self.recipe = adapter_recipe(first_adapter, base, trust_remote_code)
         self.tokenizer = load_tokenizer_for(self.recipe)
         self.metadata: dict[str, dict[str, Any]] = {}
         self.dirs: dict[str, Path] = {}
@@ -253,32 +153,47 @@ class AdapterSet:
 
 
 class MergedModel:
-    """A `tear-lora merge` output (or any HF model dir with the tags), with AdapterSet's interface."""
+    """A `tear-lora merge` output (or any HF model dir with the tags), with AdapterSet's interface.
 
-    def __init__(self, path: str | Path):
+    A dir with tear_lora.json must also be complete (rundir's marker, every file at its written size); a plain
+    HF dir without it loads as it is. trust_remote_code is the caller's, never the dir's config.json.
+    """
+
+    def __init__(self, path: str | Path, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from .model import guard_bnb_cpu
+        from .model import ModelLoadError, guard_bnb_cpu
         from .recipe import load_recipe, recipe_from_dict
 
         path = Path(path)
-        self.tokenizer = self.load_tokenizer(path)
-        meta_file, recipe_file = path / METADATA_FILE, path / "recipe.yaml"
-        self.metadata = {path.name: json.loads(meta_file.read_text()) if meta_file.exists() else {}}
-        self.recipe = load_recipe(recipe_file) if recipe_file.exists() else recipe_from_dict({})
+        meta = {}
+        if (path / METADATA_FILE).exists():
+            problem = incomplete_reason(path)
+            if problem:
+                raise AdapterError(f"{path}: an incomplete merge output ({problem}): a killed merge, a partial "
+                                   "copy, or a merge by an older tear_lora; merge again into a new --out")
+            meta = read_metadata(path)
+        self.tokenizer = self.load_tokenizer(path, trust_remote_code)
+        self.metadata = {path.name: meta}
+        self.recipe = load_recipe(path / "recipe.yaml") if (path / "recipe.yaml").exists() else recipe_from_dict({})
+        self.recipe.model.trust_remote_code = trust_remote_code
         device_map = "cuda" if torch.cuda.is_available() else None
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map).eval()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map,
+                                                              trust_remote_code=trust_remote_code).eval()
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
         guard_bnb_cpu(self.model)
 
     @staticmethod
-    def load_tokenizer(path: str | Path):
+    def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         """The saved tokenizer, which must hold the six tags as single tokens."""
         from transformers import AutoTokenizer
 
         from .tokens import structural_token_ids
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:
             structural_token_ids(tokenizer)
         except ValueError as e:
@@ -293,11 +208,11 @@ class MergedModel:
         """One model, nothing to switch."""
 
 
-def open_source(path: str | Path, base: str | None = None):
+def open_source(path: str | Path, base: str | None = None, trust_remote_code: bool = False):
     """An adapter dir (4-bit base + adapter, as trained) or a merged model dir, by what the directory holds."""
     path = Path(path)
     if (path / "adapter_config.json").exists():
-        return AdapterSet(path, base)
-    if (path / "config.json").exists():
-        return MergedModel(path)
+        return AdapterSet(path, base, trust_remote_code)
+    if (path / "config.json").exists() or (path / METADATA_FILE).exists():
+        return MergedModel(path, trust_remote_code)
     raise AdapterError(f"{path}: neither an adapter dir (adapter_config.json) nor a model dir (config.json)")

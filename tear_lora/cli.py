@@ -12,12 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from .adapters import AdapterError
 from .data import DataError
+from .metadata import AdapterError
 from .model import ModelLoadError
 from .recipe import RecipeError, load_recipe
+from .rundir import RunDirError, json_safe
 
-USER_ERRORS = (RecipeError, DataError, ModelLoadError, AdapterError)
+USER_ERRORS = (RecipeError, DataError, ModelLoadError, AdapterError, RunDirError)
 
 
 def _recipe_args(parser: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -60,10 +61,15 @@ def cmd_data_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import run
+    """Exit 0 trained, 2 user error, 4 training fault (NaN/Inf, disk full), 143/130 stopped by SIGTERM/SIGINT."""
+    from .train import Interrupted, TrainingFault, run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run(recipe, resume=True if args.resume == "latest" else args.resume, force=args.force)
+    try:
+        run(recipe, resume=True if args.resume == "latest" else args.resume, force=args.force)
+    except (TrainingFault, Interrupted) as e:
+        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
@@ -77,18 +83,26 @@ def cmd_plan(args) -> int:
 
 
 def _emit(payload, as_json: bool, text) -> None:
-    """JSON, or the human-readable `text()` (only built when wanted)."""
-    print(json.dumps(payload, indent=2, ensure_ascii=False) if as_json else text())
+    """JSON (NaN/Inf as null: bare NaN is not JSON), or the human-readable `text()` (only built when wanted)."""
+    print(json.dumps(json_safe(payload), indent=2, ensure_ascii=False, allow_nan=False) if as_json else text())
+
+
+def _read_json(path: str, flag: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{flag} {path}: unreadable JSON ({e})") from None
 
 
 def cmd_merge(args) -> int:
-    from .export import merge, verify
+    from .export import merge
 
-    out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base)
+    out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base, args.trust_remote_code,
+                verify_rows=args.rows if args.verify else None, verify_data=args.data)
     print(f"merged {args.adapter} into the {args.base_weights} base ({args.dtype}) -> {out}")
     if not args.verify:
         return 0
-    r = verify(args.adapter, out, args.data, args.rows, args.base)
+    r = json.loads((out / "verify.json").read_text())  # verified inside the merge, before the output was marked complete
     print(f"verify, {r['rows']} rows / {r['positions']} positions: max |Δlogit| {r['max_abs_logit']:.3g}, mean KL "
           f"{r['mean_kl']:.3g}, top-1 agreement {r['top1_agreement']:.4f}: "
           f"{'within' if r['passed'] else 'BEYOND'} tolerance {r['tolerance']}")
@@ -99,7 +113,7 @@ def cmd_generate(args) -> int:
     from .adapters import open_source
     from .generate import Sampling, format_generated, generate_triple
 
-    source = open_source(args.source, args.base)
+    source = open_source(args.source, args.base, args.trust_remote_code)
     out = generate_triple(source.model, source.tokenizer, args.input, args.response,
                           Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed))
     _emit(out.as_dict(), args.json, lambda: format_generated(out, args.max_new_tokens))
@@ -109,7 +123,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_table
 
-    rows = evaluate(args.sources, args.data, args.base, args.batch_size)
+    rows = evaluate(args.sources, args.data, args.base, args.batch_size, args.trust_remote_code)
     _emit(rows, args.json, lambda: format_table(rows))
     return 0
 
@@ -117,7 +131,8 @@ def cmd_eval(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare, format_report
 
-    report = compare(args.adapters, args.data, args.prompts, args.plot, args.base, args.max_new_tokens, args.batch_size)
+    report = compare(args.adapters, args.data, args.prompts, args.plot, args.base, args.max_new_tokens, args.batch_size,
+                     args.trust_remote_code)
     _emit(report, args.json, lambda: format_report(report, args.max_new_tokens))
     return 0
 
@@ -134,6 +149,8 @@ def cmd_sweep(args) -> int:
 def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = False, report: bool = True) -> None:
     if base:
         p.add_argument("--base", help="local copy of the base the adapter was trained on (default: its recipe's)")
+        p.add_argument("--trust-remote-code", action="store_true", help="allow the base / model to run its own "
+                       "Python code (auto_map); never taken from an adapter's or merged dir's files (default: off)")
     if gen:
         p.add_argument("--max-new-tokens", type=int, default=64, help="per span (default 64)")
     if report:
@@ -143,8 +160,8 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
 def cmd_report(args) -> int:
     from .report import plot_training_curves, summary_table
 
-    eval_rows = json.loads(Path(args.eval_json).read_text()) if args.eval_json else None
-    verify = json.loads(Path(args.verify_json).read_text()) if args.verify_json else None
+    eval_rows = _read_json(args.eval_json, "--eval-json") if args.eval_json else None
+    verify = _read_json(args.verify_json, "--verify-json") if args.verify_json else None
     print(summary_table(args.adapter, eval_rows, verify))
     print(f"  training curves: {plot_training_curves(args.adapter, args.plot)}")
     return 0
@@ -167,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="raw triples -> tokenized dataset + manifest in data/processed/")
     p.add_argument("raw", help="raw triples: .jsonl, .csv, .parquet or a saved HF dataset dir")
     p.add_argument("--recipe", required=True, help="recipe whose model tokenizer and data settings to use")
-    p.add_argument("--out", help="output dir (default: data/processed/<raw file stem>)")
+    p.add_argument("--out", help="output dir (default: data/processed/<raw file stem>-<hash of source, tokenizer and data settings>)")
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (written verbatim to rejects.jsonl)")
     _recipe_args(p, positional=False)
     p.set_defaults(func=cmd_data_prepare)
@@ -186,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("merge", help="adapter -> standalone model dir (plain transformers can load it)")
     p.add_argument("adapter", help="adapter dir (adapters/<run>)")
-    p.add_argument("--out", required=True, help="output dir (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="output dir: new, empty, or a previous complete merge output "
+                   "(replaced only once the new one is complete)")
     p.add_argument("--base-weights", choices=("dequantized", "original"), default="dequantized",
                    help="dequantized: the NF4 weights it was trained on (default, reproduces the trained model); "
                    "original: the unquantized weights (differs by the quantization error)")

@@ -8,16 +8,19 @@ bit-identical base weights. The time this saves is measured (one real reload of 
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import time
 from pathlib import Path
 
-from .adapters import METADATA_FILE, AdapterSet
+from .adapters import AdapterSet
 from .data import DataError
 from .evaluate import format_table, source_rows
 from .generate import Sampling, format_generated, generate_triple
+from .metadata import METADATA_FILE, read_metadata
 from .recipe import RecipeError
+from .rundir import RunDirError, atomic_write_bytes
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -86,18 +89,19 @@ def plot_nll(rows: list[dict], out: str | Path) -> Path:
     ax.set_title("Response vs witness NLL across λ")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(out)
+    out, png = Path(out), io.BytesIO()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
+    atomic_write_bytes(out, png.getvalue())
     return out
 
 
 def compare(adapter_dirs: list[str | Path], data_file: str | Path, prompts_file: str | Path | None = None,
             plot: str | Path | None = None, base: str | None = None, max_new_tokens: int = 64,
-            batch_size: int = 8) -> dict:
+            batch_size: int = 8, trust_remote_code: bool = False) -> dict:
     """Eval rows sorted by λ (base last), generations per prompt per adapter, timing, and the plot's path."""
-    adapters = AdapterSet(adapter_dirs[0], base)
+    adapters = AdapterSet(adapter_dirs[0], base, trust_remote_code)
     for path in adapter_dirs[1:]:
         adapters.add(path)
     rows = sorted(source_rows(adapters, data_file, batch_size), key=_by_lambda)
@@ -154,15 +158,36 @@ def sweep_recipes(recipe_path: str | Path, lambdas: list[float], overrides: list
                                       f"output.run_name={run_name}-lambda{lam:g}"]) for lam in lambdas]
 
 
+def trained_from(metadata: dict, recipe) -> bool:
+    """Was this finished run trained from `recipe`? (recipe.hash() leaves out `output`, so overwrite and the
+    run's location do not count.)"""
+    return metadata.get("recipe_sha256") == recipe.hash()
+
+
 def train_sweep(recipes: list) -> list[Path]:
-    """Train what is missing: finished runs (tear_lora.json written) are skipped, checkpointed ones resumed."""
+    """Train what is missing: finished runs of the same recipe are reused, checkpointed ones resumed.
+
+    A finished run of another recipe (its tear_lora.json records a different recipe_sha256) is never reused
+    silently: it is retrained when output.overwrite is true (the old run stays until the new one is done),
+    refused otherwise."""
     from .train import latest_checkpoint, run
 
     dirs = []
     for recipe in recipes:
         run_dir = recipe.run_dir()
         if (run_dir / METADATA_FILE).exists():
-            print(f"sweep: {run_dir} is complete, skipping", file=sys.stderr)
+            metadata = read_metadata(run_dir)
+            if trained_from(metadata, recipe):
+                print(f"sweep: {run_dir} is complete, skipping", file=sys.stderr)
+                dirs.append(run_dir)
+                continue
+            what = (f"{run_dir} was trained from recipe {metadata.get('recipe_sha256')}, but this sweep's recipe "
+                    f"for it is {recipe.hash()}")
+            if not recipe.output.overwrite:
+                raise RunDirError(f"sweep: {what}; pass --set output.overwrite=true to retrain it (the old run is "
+                                  "kept until the new one has finished), or use another output.run_name")
+            print(f"sweep: {what}: retraining it (output.overwrite is true)", file=sys.stderr)
+            run(recipe)
         elif latest_checkpoint(run_dir):
             print(f"sweep: resuming {run_dir} from {latest_checkpoint(run_dir).name}", file=sys.stderr)
             run(recipe, resume=True)
@@ -186,4 +211,6 @@ def sweep(recipe_path: str | Path, lambdas: list[float], overrides: list[str] | 
     dirs = train_sweep(sweep_recipes(recipe_path, lambdas, overrides))
     plot = plot or Path(recipe.output.dir) / f"{recipe.output.run_name}-sweep.png"
     eval_file = recipe.data.eval_file
-    return compare(dirs, eval_file, prompts_file, plot, max_new_tokens=max_new_tokens)
+    # these adapters were trained from the user's own recipe: its trust_remote_code is the user's decision
+    return compare(dirs, eval_file, prompts_file, plot, max_new_tokens=max_new_tokens,
+                   trust_remote_code=recipe.model.trust_remote_code)

@@ -1,181 +1,43 @@
 """Consequence data: raw triples -> validated rows -> token ids with span roles -> a `datasets.Dataset`.
 
-Raw files are JSONL, CSV, Parquet or a saved HF dataset directory, with non-empty string fields `input`,
-`response`, `witness` and optional `id` / `meta`. Every problem names FILE:LINE and the field. With
-`skip_invalid`, bad rows are written verbatim to a rejects file instead of stopping the run, so nothing is
-lost silently. The processed set is cached under `data/processed/<name>/` with a manifest that records where
-it came from (file hash, tokenizer, recipe) and what was rejected and why.
+Reading and validating live in rawdata.py (any size, streamed, every problem as FILE:LINE). Here each good
+row is tokenized as it is read and written straight to an Arrow file, so a file of several GB never sits in
+memory. With `skip_invalid`, bad rows are written verbatim to rejects.jsonl instead of stopping the run, so
+nothing is lost silently.
+
+The processed set is cached in `<processed_dir>/<stem>-<key>/`, where the key hashes everything the output
+depends on (file content, tokenizer, data settings, this code). Different settings therefore never share a
+directory: a run reading one cache is not disturbed by another run building a different one. A cache is built
+in a hidden sibling under a lock and swapped in whole; a damaged one is rebuilt, never trusted.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
+import re
+import shutil
 import statistics
+import sys
+import time
+from array import array
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, Features, List, Value, load_from_disk
 
-from . import template
+from . import rawdata, rundir, template
+from .rawdata import DataError, Reject, Row, TripleReader, load_triples
 
-REQUIRED_FIELDS = ("input", "response", "witness")
-OPTIONAL_FIELDS = ("id", "meta")
-MAX_LISTED_ERRORS = 20
+__all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples", "prepare",
+           "tokenize_row", "tokenizer_hash"]
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and field. The CLI exits with status 2."""
-
-
-@dataclass
-class Row:
-    line: int  # 1-based line (JSONL/CSV) or row number (Parquet, HF dir)
-    raw: str  # the row as it appeared in the file, kept verbatim for the rejects file
-    fields: dict[str, Any]
-
-
-@dataclass
-class Reject:
-    line: int
-    reason: str
-    raw: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"line": self.line, "reason": self.reason, "raw": self.raw}
-
-
-# ---- reading --------------------------------------------------------------------------------------------------
-
-
-def read_rows(path: str | Path) -> list[Row]:
-    """Parse a raw file into rows (no field validation yet). File-level problems raise DataError."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    if path.is_dir():
-        try:
-            dataset = load_from_disk(str(path))
-        except Exception as e:  # datasets raises several types for "not a saved dataset"
-            raise DataError(f"{path}: not a saved HF dataset directory ({e})") from None
-        rows = [Row(i + 1, json.dumps(r, ensure_ascii=False, default=str), dict(r)) for i, r in enumerate(dataset)]
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            records = pq.read_table(path).to_pylist()
-        except Exception as e:
-            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        rows = [Row(i + 1, json.dumps(r, ensure_ascii=False, default=str), r) for i, r in enumerate(records)]
-    elif path.suffix in (".jsonl", ".csv"):
-        text = _read_text(path)
-        rows = _read_jsonl(text) if path.suffix == ".jsonl" else _read_csv(path, text)
-    else:
-        raise DataError(f"{path}: unsupported format '{path.suffix}' (use .jsonl, .csv, .parquet or a dataset dir)")
-    if not rows:
-        raise DataError(f"{path}: file is empty (no rows)")
-    return rows
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted and dropped
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                        "re-save the file as UTF-8") from None
-
-
-def _read_jsonl(text: str) -> list[Row]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):  # splitlines also handles CRLF
-        if line.strip():
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as e:
-                fields = {"__error__": f"invalid JSON ({e.msg} at column {e.colno})"}
-            if not isinstance(fields, dict):
-                fields = {"__error__": "expected a JSON object {\"input\": ..., \"response\": ..., \"witness\": ...}"}
-            rows.append(Row(number, line, fields))
-    return rows
-
-
-def _read_csv(path: Path, text: str) -> list[Row]:
-    lines = text.splitlines(keepends=True)
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [f for f in REQUIRED_FIELDS if f not in (reader.fieldnames or [])]
-    if reader.fieldnames and missing:
-        raise DataError(f"{path}:1: CSV header lacks column(s) {', '.join(missing)} (has {', '.join(reader.fieldnames)})")
-    rows, start = [], 2
-    for record in reader:
-        end = reader.line_num
-        fields = {k: v for k, v in record.items() if k is not None}
-        if None in record:
-            fields["__error__"] = f"{len(record[None])} more value(s) than header columns"
-        if "meta" in fields and fields["meta"]:
-            try:
-                fields["meta"] = json.loads(fields["meta"])
-            except json.JSONDecodeError:
-                fields["__error__"] = "field 'meta': must be a JSON object"
-        elif "meta" in fields:
-            fields.pop("meta")
-        if not fields.get("id"):
-            fields.pop("id", None)
-        rows.append(Row(start, "".join(lines[start - 1 : end]).rstrip("\r\n"), fields))
-        start = end + 1
-    return rows
-
-
-def validate_row(row: Row) -> str | None:
-    """The first problem with a row as "field 'x': ..." (or None when it is fine)."""
-    fields = row.fields
-    if "__error__" in fields:
-        return fields["__error__"]
-    for name in REQUIRED_FIELDS:
-        value = fields.get(name)
-        if not isinstance(value, str) or not value.strip():
-            got = "missing" if name not in fields else f"got {type(value).__name__} {str(value)[:40]!r}"
-            return f"field '{name}': must be a non-empty string ({got})"
-    unknown = [k for k in fields if k not in REQUIRED_FIELDS + OPTIONAL_FIELDS]
-    if unknown:
-        return f"field '{unknown[0]}': unknown field (allowed: {', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)})"
-    if "id" in fields and not isinstance(fields["id"], (str, int)):
-        return "field 'id': must be a string or integer"
-    if "meta" in fields and not isinstance(fields["meta"], (dict, type(None))):
-        return "field 'meta': must be an object"
-    return None
-
-
-def load_triples(path: str | Path, skip_invalid: bool = False) -> tuple[list[Row], list[Reject]]:
-    """Read and validate; without skip_invalid any bad row stops with every problem listed (FILE:LINE: ...)."""
-    rows, rejects, kept = read_rows(path), [], []
-    id_lines: dict[str, int] = {}
-    triple_lines: dict[tuple, int] = {}
-    for row in rows:
-        problem = validate_row(row)
-        if problem is None:
-            row.fields["id"] = str(row.fields.get("id", f"{Path(path).stem}-{row.line}"))
-            triple = tuple(row.fields[f] for f in REQUIRED_FIELDS)
-            if row.fields["id"] in id_lines:
-                problem = f"field 'id': duplicate id {row.fields['id']!r} (first at line {id_lines[row.fields['id']]})"
-            elif triple in triple_lines:
-                problem = f"duplicate of the triple at line {triple_lines[triple]}"
-            else:
-                id_lines[row.fields["id"]] = triple_lines[triple] = row.line
-        if problem is None:
-            kept.append(row)
-        else:
-            rejects.append(Reject(row.line, problem, row.raw))
-    if rejects and not skip_invalid:
-        listed = "\n".join(f"{path}:{r.line}: {r.reason}" for r in rejects[:MAX_LISTED_ERRORS])
-        more = f"\n... and {len(rejects) - MAX_LISTED_ERRORS} more" if len(rejects) > MAX_LISTED_ERRORS else ""
-        raise DataError(f"{listed}{more}\n{len(rejects)} invalid row(s); fix them or pass --skip-invalid "
-                        "(bad rows then go verbatim to a rejects file)")
-    return kept, rejects
+CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
+FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
+                     "meta": Value("string")})  # meta: the row's meta object as JSON text, or null
+LOCK_POLL_S = 0.25
 
 
 # ---- tokenizing -----------------------------------------------------------------------------------------------
@@ -198,95 +60,227 @@ def tokenize_row(tokenizer, fields: dict, max_seq_len: int, truncation: str, min
     if input_len - excess < min_input_tokens:
         return (f"{len(input_ids)} tokens > data.max_seq_len {max_seq_len}; trimming the input would leave "
                 f"{max(input_len - excess, 0)} of its {input_len} tokens (< data.min_input_tokens {min_input_tokens})")
-    start = len(template.prefix_ids(tokenizer)) + len(pieces[0])  # first input-text position
+    start = len(input_ids) - sum(map(len, pieces)) + len(pieces[0])  # first input-text position (after any BOS)
     return input_ids[:start] + input_ids[start + excess :], roles[:start] + roles[start + excess :], excess
+
+
+def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tuple[dict, list[Reject]]:
+    """Stream the reader: tokenize each good row and `write` it at once; -> (manifest counts, rejects).
+
+    Without skip_invalid the first bad row dooms the run, so from there on rows are only validated (every
+    problem still gets listed) and nothing more is tokenized.
+    """
+    skip_invalid = settings["skip_invalid"]
+    rejects: list[Reject] = []  # what rejects.jsonl will hold: bad rows when skipped, and rows too long
+    invalid: list[Reject] = []  # bad rows without skip_invalid: only the ones the error lists
+    invalid_count = kept = trimmed = 0
+    lengths = {name: array("l") for name in (*template.ROLE_NAMES.values(), "total")}
+    limits = {k: settings[k] for k in ("max_seq_len", "truncation", "min_input_tokens")}
+    for row, problem in reader:
+        if problem is not None:
+            invalid_count += 1
+            if skip_invalid:
+                rejects.append(Reject(row.line, problem, row.raw))
+            elif len(invalid) <= rawdata.MAX_LISTED_ERRORS:
+                invalid.append(Reject(row.line, problem, ""))
+            continue
+        if invalid_count and not skip_invalid:
+            continue
+        result = tokenize_row(tokenizer, row.fields, **limits)
+        if isinstance(result, str):
+            rejects.append(Reject(row.line, result, row.raw))
+            continue
+        input_ids, roles, cut = result
+        meta = row.fields.get("meta")
+        write({"id": row.fields["id"], "input_ids": input_ids, "span_roles": roles,
+               "meta": None if meta is None else rawdata.meta_json(meta)})
+        kept, trimmed = kept + 1, trimmed + (cut > 0)
+        for role, name in template.ROLE_NAMES.items():
+            lengths[name].append(roles.count(role))
+        lengths["total"].append(len(roles))
+    if invalid_count and not skip_invalid:
+        raise rawdata.rejection_error(reader.path, invalid, invalid_count)
+    if not kept:
+        first = rejects[0]
+        raise DataError(f"{reader.path}:{first.line}: no usable rows: all {len(rejects)} were rejected "
+                        f"(this one: {first.reason})")
+    counts = {"rows_read": reader.rows_read, "rows_kept": kept, "rows_rejected": len(rejects),
+              "rows_rejected_invalid": invalid_count, "rows_trimmed": trimmed, "tokens": _length_stats(lengths),
+              "notices": reader.notices(), "rejects": [{"line": r.line, "reason": r.reason} for r in rejects]}
+    return counts, rejects
+
+
+def _length_stats(lengths: dict[str, array]) -> dict[str, dict[str, float]]:
+    """Per-span token counts (min / mean / p95 / max / sum) across rows; 'total' is the whole sequence."""
+    stats = {}
+    for name, values in lengths.items():
+        ordered = sorted(values)
+        stats[name] = {"min": ordered[0], "mean": round(statistics.fmean(ordered), 1),
+                       "p95": ordered[int(0.95 * (len(ordered) - 1))], "max": ordered[-1], "sum": sum(ordered)}
+    return stats
+
+
+# ---- prepare: build once, cache by content ----------------------------------------------------------------------
 
 
 @dataclass
 class Prepared:
     dataset: Dataset
     manifest: dict[str, Any]
-    out_dir: Path | None
+    out_dir: Path | None  # the cache directory actually used (None with save=False)
 
 
 def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None = None,
             skip_invalid: bool | None = None, save: bool = True) -> Prepared:
-    """Raw file -> tokenized Dataset + manifest; cached on disk when inputs are unchanged."""
+    """Raw file -> tokenized Dataset + manifest, reusing the cache when everything it depends on is unchanged.
+
+    `out_dir` replaces the default `<processed_dir>/<stem>-<key>`; it is built aside and swapped in the same way.
+    """
     raw_path = Path(raw_path)
     skip_invalid = recipe.data.skip_invalid if skip_invalid is None else skip_invalid
     settings = {"max_seq_len": recipe.data.max_seq_len, "truncation": recipe.data.truncation,
-                "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid}
-    source_hash = file_hash(raw_path) if raw_path.exists() else None
-    tokenizer_id = {"name_or_path": tokenizer.name_or_path, "hash": tokenizer_hash(tokenizer)}
-    out_dir = Path(out_dir) if out_dir else Path(recipe.data.processed_dir) / raw_path.stem
-    cached = _load_cached(out_dir, source_hash, tokenizer_id["hash"], settings) if save else None
-    if cached is not None:
-        return cached
+                "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
+                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields}
+    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields)  # file-level checks first
+    source_hash, tok_hash = file_hash(raw_path), tokenizer_hash(tokenizer)
+    key = cache_key(source_hash, tokenizer_fingerprint(tokenizer, tok_hash), settings)
+    manifest = {"source": str(raw_path), "source_sha256": source_hash, "settings": settings, "cache_key": key,
+                "tokenizer": {"name_or_path": tokenizer.name_or_path, "hash": tok_hash},
+                "recipe_hash": recipe.hash()}
+    if not save:
+        records: dict[str, list] = {name: [] for name in FEATURES}
+        counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r: [records[k].append(r[k]) for k in records])
+        _print_notices(counts["notices"])
+        return Prepared(Dataset.from_dict(records, features=FEATURES), {**manifest, **counts}, None)
 
-    rows, rejects = load_triples(raw_path, skip_invalid=skip_invalid)
-    rows_read = len(rows) + len(rejects)
-    records: dict[str, list] = {"id": [], "input_ids": [], "span_roles": []}
-    trimmed = 0
-    for row in rows:
-        result = tokenize_row(tokenizer, row.fields, **{k: settings[k] for k in ("max_seq_len", "truncation", "min_input_tokens")})
-        if isinstance(result, str):
-            rejects.append(Reject(row.line, result, row.raw))
-            continue
-        input_ids, roles, cut = result
-        trimmed += cut > 0
-        records["id"].append(row.fields["id"])
-        records["input_ids"].append(input_ids)
-        records["span_roles"].append(roles)
-    if not records["id"]:
-        raise DataError(f"{raw_path}: no usable rows ({len(rejects)} rejected; first: line {rejects[0].line}: {rejects[0].reason})")
-    dataset = Dataset.from_dict(records)
-    manifest = {
-        "source": str(raw_path), "source_sha256": source_hash, "settings": settings, "tokenizer": tokenizer_id,
-        "recipe_hash": recipe.hash(), "rows_read": rows_read,
-        "rows_kept": len(dataset), "rows_rejected": len(rejects), "rows_trimmed": trimmed,
-        "tokens": span_length_stats(records["span_roles"]),
-        "rejects": [{"line": r.line, "reason": r.reason} for r in rejects],
-    }
-    if save:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        dataset.save_to_disk(str(out_dir / "dataset"))
-        with open(out_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rejects)
-        (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    return Prepared(dataset, manifest, out_dir if save else None)
+    final = Path(out_dir) if out_dir else Path(recipe.data.processed_dir) / f"{_safe_name(raw_path)}-{key}"
+    cached = _load_cached(final, key)
+    if cached is None:
+        _check_replaceable(final)
+        with _waiting_lock(final):
+            cached = _load_cached(final, key)  # another process may have built it while we waited
+            if cached is None:
+                _build(reader, tokenizer, settings, manifest, final)
+                cached = _load_cached(final, key)
+        if cached is None:
+            raise DataError(f"{final}: the processed data just written cannot be read back; is the disk full?")
+    _print_notices(cached.manifest.get("notices", []))
+    return cached
 
 
-def _load_cached(out_dir: Path, source_hash, tok_hash: str, settings: dict) -> Prepared | None:
-    manifest_path = out_dir / "manifest.json"
-    if not manifest_path.exists() or not (out_dir / "dataset").exists():
+def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, final: Path) -> None:
+    """Tokenize into a hidden sibling of `final`, finish every file, then swap it in (the caller holds the lock)."""
+    for stale in rundir.stale_siblings(final, "build"):
+        shutil.rmtree(stale, ignore_errors=True)  # builds run only under the lock we hold: these were killed
+    building = rundir.temp_sibling(final, "build")
+    try:
+        from datasets.arrow_writer import ArrowWriter
+
+        rows_file = building / "rows.arrow"
+        with ArrowWriter(features=FEATURES, path=str(rows_file)) as writer:
+            counts, rejects = _tokenize_all(reader, tokenizer, settings, writer.write)
+            writer.finalize()
+        Dataset.from_file(str(rows_file)).save_to_disk(str(building / "dataset"))
+        rows_file.unlink()
+        rundir.atomic_write_text(building / "rejects.jsonl",
+                                 "".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rejects))
+        rundir.atomic_write_json(building / "manifest.json", {**manifest, **counts})
+        rundir.write_complete_marker(building)
+        rundir.swap_in(building, final)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+
+
+def _load_cached(out_dir: Path, key: str) -> Prepared | None:
+    """The finished cache in `out_dir` for `key`, or None: missing, for other inputs, or damaged in any way."""
+    if not out_dir.is_dir() or rundir.incomplete_reason(out_dir) is not None:
         return None
-    manifest = json.loads(manifest_path.read_text())
-    if (manifest.get("source_sha256"), manifest.get("tokenizer", {}).get("hash"), manifest.get("settings")) != (
-        source_hash, tok_hash, settings):
+    try:
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("cache_key") != key:
+            return None
+        dataset = load_from_disk(str(out_dir / "dataset"))
+        if len(dataset) != manifest.get("rows_kept") or set(dataset.column_names) != set(FEATURES):
+            return None
+    except Exception:  # whatever is wrong with an old cache (truncated JSON, bad Arrow), the answer is rebuild
         return None
-    return Prepared(load_from_disk(str(out_dir / "dataset")), manifest, out_dir)
+    return Prepared(dataset, manifest, out_dir)
 
 
-def span_length_stats(all_roles: list[list[int]]) -> dict[str, dict[str, float]]:
-    """Per-span token counts (min / mean / p95 / max) across rows; 'total' is the whole sequence."""
-    counts: dict[str, list[int]] = {name: [] for name in (*template.ROLE_NAMES.values(), "total")}
-    for roles in all_roles:
-        for role, name in template.ROLE_NAMES.items():
-            counts[name].append(sum(1 for r in roles if r == role))
-        counts["total"].append(len(roles))
-    return {name: {"min": min(v), "mean": round(statistics.fmean(v), 1),
-                   "p95": sorted(v)[int(0.95 * (len(v) - 1))], "max": max(v), "sum": sum(v)}
-            for name, v in counts.items()}
+def _check_replaceable(final: Path) -> None:
+    """Swapping in deletes what was at `final`: allow that only for an earlier prepare output (or nothing)."""
+    problem = rundir.unsafe_root_reason(final)
+    if problem:
+        raise DataError(f"{final}: cannot write processed data there: it {problem}")
+    if final.exists() and not final.is_dir():
+        raise DataError(f"{final}: exists and is not a directory; choose another --out")
+    if final.is_dir() and any(final.iterdir()) and not (final / "manifest.json").is_file():
+        raise DataError(f"{final}: exists and is not a processed-data directory (no manifest.json), so it will "
+                        "not be replaced; choose another --out or remove it")
+
+
+@contextmanager
+def _waiting_lock(final: Path):
+    """rundir.exclusive_lock on `final`, waiting (not refusing) while another process builds the same data:
+    two trainings started on the same file must both work, the second reusing what the first built."""
+    lock, told = rundir.lock_path_for(final), False
+    with ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(rundir.exclusive_lock(lock, f"processed data {final}"))
+                break
+            except rundir.LockedError as e:
+                if not told:
+                    print(f"note: waiting: {e}", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(LOCK_POLL_S)
+        yield
+
+
+def _print_notices(notices: list[str]) -> None:
+    for notice in notices:
+        print(f"note: {notice}", file=sys.stderr)
+
+
+def _safe_name(path: Path) -> str:
+    """The file's stem as a plain directory name (no separators, no leading dot)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", path.stem).lstrip(".-") or "data"
+
+
+# ---- identities -----------------------------------------------------------------------------------------------
+
+
+def cache_key(source_hash: str, tokenizer_id: str, settings: dict) -> str:
+    """Short hash of everything a processed set depends on: source bytes, tokenizer, data settings and code."""
+    code = hashlib.sha256()
+    for module in ("data.py", "rawdata.py", "template.py"):
+        code.update((Path(__file__).parent / module).read_bytes())
+    parts = {"format": CACHE_FORMAT, "source": source_hash, "tokenizer": tokenizer_id,
+             "settings": settings, "code": code.hexdigest()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tokenizer_fingerprint(tokenizer, vocab_hash: str) -> str:
+    """The whole tokenizer (normalizer, pre-tokenizer, merges, added tokens) when it is a fast one, not only
+    its vocabulary (`vocab_hash`): two tokenizers with one vocabulary can still split text differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    whole = hashlib.sha256(backend.to_str().encode()).hexdigest()[:16] if backend is not None else ""
+    return whole + vocab_hash
 
 
 def file_hash(path: str | Path) -> str:
+    """sha256 of a file, or of every file of a directory in name order, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+    try:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     return digest.hexdigest()
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .adapters import AdapterError, AdapterSet, MergedModel, open_source
+from .adapters import AdapterSet, MergedModel, open_source
 from .data import prepare, tokenizer_hash
 from .loss import span_loss, span_targets
+from .metadata import AdapterError
 from .trainer import SpanCollator, final_hidden_states, unwrap_causal_lm
 
 BASE_LABEL = "base (adapter disabled)"
@@ -74,31 +75,32 @@ def source_rows(source, data_file, batch_size: int = 8, base_row: bool = True) -
 
 
 def evaluate(sources: list[str | Path], data_file: str | Path, base: str | None = None,
-             batch_size: int = 8) -> list[dict]:
+             batch_size: int = 8, trust_remote_code: bool = False) -> list[dict]:
     """Rows for every SOURCE: adapters share one 4-bit base (refused if trained on different bases)."""
     adapters = [Path(s) for s in sources if (Path(s) / "adapter_config.json").exists()]
     others = [Path(s) for s in sources if Path(s) not in adapters]
     rows, vocab = [], set()
     if adapters:
-        adapter_set = AdapterSet(adapters[0], base)
+        adapter_set = AdapterSet(adapters[0], base, trust_remote_code)
         for path in adapters[1:]:
             adapter_set.add(path)
         rows += source_rows(adapter_set, data_file, batch_size)
         vocab.add(tokenizer_hash(adapter_set.tokenizer))
         del adapter_set
     for path in others:
-        merged = open_source(path, base)
+        merged = open_source(path, base, trust_remote_code)
         vocab.add(tokenizer_hash(merged.tokenizer))
         rows += source_rows(merged, data_file, batch_size)
         del merged
     if len(vocab) > 1:
         raise AdapterError("the sources use different vocabularies; their NLLs are not comparable")
     if not adapters and others:
-        rows += _base_rows_for_merged(others[0], data_file, batch_size, base)
+        rows += _base_rows_for_merged(others[0], data_file, batch_size, base, trust_remote_code)
     return rows
 
 
-def _base_rows_for_merged(merged_dir: Path, data_file, batch_size: int, base: str | None) -> list[dict]:
+def _base_rows_for_merged(merged_dir: Path, data_file, batch_size: int, base: str | None,
+                          trust_remote_code: bool = False) -> list[dict]:
     """Without an adapter to disable, the base row loads the base the merged model records (4-bit, as trained)."""
     from .adapters import check_base
     from .model import load_base
@@ -108,9 +110,10 @@ def _base_rows_for_merged(merged_dir: Path, data_file, batch_size: int, base: st
         print(f"note: {merged_dir} records no recipe/base (recipe.yaml, tear_lora.json): no base row", file=sys.stderr)
         return []
     recipe = load_recipe(merged_dir / "recipe.yaml")
+    recipe.model.trust_remote_code = trust_remote_code  # the caller's, never the merged dir's recipe.yaml
     if base is not None:
         recipe.model.name_or_path, recipe.model.revision = str(base), None
-    tokenizer = MergedModel.load_tokenizer(merged_dir)
+    tokenizer = MergedModel.load_tokenizer(merged_dir, trust_remote_code)
     check_base(merged_dir, recipe, tokenizer)
     dataset = prepare(data_file, tokenizer, recipe, save=False).dataset
     stats = span_nll(load_base(recipe, tokenizer), dataset, tokenizer.pad_token_id, batch_size,
@@ -118,13 +121,18 @@ def _base_rows_for_merged(merged_dir: Path, data_file, batch_size: int, base: st
     return [_row(BASE_LABEL, "base", recipe.model.name_or_path, None, stats)]
 
 
+def _num(value) -> float:
+    """A metric as printed: null (how JSON carries NaN/Inf, e.g. rows read back from `eval --json`) as nan."""
+    return float("nan") if value is None else value
+
+
 def format_table(rows: list[dict]) -> str:
     header = f"{'name':32s} {'kind':8s} {'lambda':>7s} {'resp NLL':>9s} {'resp PPL':>10s} {'wit NLL':>9s} {'wit PPL':>10s}"
     lines = [header, "-" * len(header)]
     for r in rows:
         lam = "-" if r["lambda"] is None else f"{r['lambda']:g}"
-        lines.append(f"{r['name'][:32]:32s} {r['kind']:8s} {lam:>7s} {r['response_nll']:9.4f} {r['response_ppl']:10.4g} "
-                     f"{r['witness_nll']:9.4f} {r['witness_ppl']:10.4g}")
+        lines.append(f"{r['name'][:32]:32s} {r['kind']:8s} {lam:>7s} {_num(r['response_nll']):9.4f} "
+                     f"{_num(r['response_ppl']):10.4g} {_num(r['witness_nll']):9.4f} {_num(r['witness_ppl']):10.4g}")
     tokens = rows[0] if rows else None
     if tokens:
         lines.append(f"({tokens['rows']} rows; {tokens['response_tokens']} response and {tokens['witness_tokens']} "

@@ -10,18 +10,38 @@ behaviour plus the adapter and accept that gap (`--verify` measures it).
 Merging into a model that is still 4-bit is refused: PEFT would add BA to the dequantized weights and round
 the sum back to NF4, whose step (~1/8 of each block's largest weight) is larger than most LoRA updates, so
 most of the adapter would vanish in the rounding.
+
+On disk (rundir.py): the output is built in a hidden sibling `.<out>.merge-<pid>/`, verified there when asked,
+marked complete last and only then swapped in, under a lock on `<out>`. A killed or failed merge never leaves
+a directory at `--out` that loads as a model, and a previous output stays until its replacement is whole.
+`--out` may only replace a previous complete merge output holding nothing but what that merge wrote.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from .adapters import METADATA_FILE, AdapterError, AdapterSet, adapter_recipe, check_base
+from .adapters import AdapterSet, adapter_recipe, check_base
+from .metadata import METADATA_FILE, METADATA_VERSION, AdapterError, read_metadata
 from .model import load_base, load_tokenizer_for
+from .rundir import (
+    COMPLETE_MARKER,
+    atomic_write_json,
+    atomic_write_text,
+    exclusive_lock,
+    incomplete_reason,
+    lock_path_for,
+    stale_siblings,
+    swap_in,
+    temp_sibling,
+    unsafe_root_reason,
+    write_complete_marker,
+)
 from .tokens import WITNESS_CLOSE, structural_token_ids
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -83,27 +103,99 @@ def generation_config(model, tokenizer):
     return config
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out that merge must not create or replace; runs before anything loads."""
+    problem = unsafe_root_reason(out_dir)
+    if problem:
+        raise MergeError(f"--out {out_dir} {problem}; merge into a directory of its own, e.g. models/<name>")
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise MergeError(f"--out {out_dir} is a file or a symlink; give the path of a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        problem = _not_a_merge_output(out_dir)
+        if problem:
+            raise MergeError(f"--out {out_dir} exists, is not empty and is not a complete tear-lora merge output "
+                             f"({problem}); nothing was changed: choose another --out or remove it yourself")
+
+
+# What a merge by tear_lora before completion markers (metadata format 1) wrote; such a dir may be replaced.
+LEGACY_MERGE_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                      "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                      "recipe.yaml", METADATA_FILE, "README.md", "verify.json"}
+
+
+def _not_a_merge_output(out_dir: Path) -> str | None:
+    """Why replacing `out_dir` could lose something (None for a complete merge output holding only its files)."""
+    if (out_dir / COMPLETE_MARKER).exists():
+        problem = incomplete_reason(out_dir)
+        if problem:
+            return problem
+        written = set(json.loads((out_dir / COMPLETE_MARKER).read_text())["files"])
+    else:  # no marker: a killed merge never leaves one here, so only a merge from before markers is ours
+        written = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+        written = {n for n in written if n in LEGACY_MERGE_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)}
+        if METADATA_FILE not in written:
+            return incomplete_reason(out_dir)
+    extra = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+                   if p.is_file() and p.name != COMPLETE_MARKER and str(p.relative_to(out_dir)) not in written)
+    if extra:
+        return f"it holds files the merge did not write: {', '.join(extra[:3])}"
+    try:
+        merged = json.loads((out_dir / METADATA_FILE).read_text()).get("merged")
+    except (OSError, ValueError, AttributeError):
+        merged = None
+    return None if isinstance(merged, dict) else f"its {METADATA_FILE} is not a merge's"
+
+
 def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "dequantized", dtype: str = "bf16",
-          base: str | None = None) -> Path:
-    """Write the merged model, tokenizer, generation config, metadata and model card to `out_dir`."""
+          base: str | None = None, trust_remote_code: bool = False, verify_rows: int | None = None,
+          verify_data: str | Path | None = None) -> Path:
+    """Write the merged model, tokenizer, generation config, metadata and model card to `out_dir` (and, with
+    `verify_rows`, verify.json), all or nothing: see the module doc."""
     out_dir = Path(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise MergeError(f"{out_dir} exists and is not empty; choose another --out or remove it")
-    recipe = adapter_recipe(adapter_dir, base)
+    check_out_dir(out_dir)
+    with exclusive_lock(lock_path_for(out_dir), f"merge output {out_dir}"):
+        check_out_dir(out_dir)  # again, now that no other merge can change it
+        for stale in stale_siblings(out_dir, "merge"):  # builds of killed merges: with the lock, none is running
+            shutil.rmtree(stale, ignore_errors=True)
+        build = temp_sibling(out_dir, "merge")
+        try:
+            _write_merged(Path(adapter_dir), build, out_dir.name, base_weights, dtype, base, trust_remote_code,
+                          needs_eval_file=bool(verify_rows) and not verify_data)
+            if verify_rows:
+                _verify(adapter_dir, build, verify_data, verify_rows, base, trust_remote_code, out_dir.name)
+            write_complete_marker(build)  # last: only now does the build count as a merge output
+            swap_in(build, out_dir)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+    return out_dir
+
+
+def _write_merged(adapter_dir: Path, build: Path, name: str, base_weights: str, dtype: str, base: str | None,
+                  trust_remote_code: bool, needs_eval_file: bool = False) -> None:
+    import yaml
+
+    from .recipe import mask_secrets
+
+    recipe = adapter_recipe(adapter_dir, base, trust_remote_code)
+    if needs_eval_file and not recipe.data.eval_file:  # found out now, not after the merge
+        raise MergeError(f"{adapter_dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
     tokenizer = load_tokenizer_for(recipe)
     metadata = check_base(adapter_dir, recipe, tokenizer)
     merged = merge_into(load_merge_base(recipe, tokenizer, base_weights, EXPORT_DTYPES[dtype]), adapter_dir)
     merged.generation_config = generation_config(merged, tokenizer)
-    merged.save_pretrained(out_dir)  # safetensors
-    tokenizer.save_pretrained(out_dir)
-    shutil.copy(Path(adapter_dir) / "recipe.yaml", out_dir / "recipe.yaml")
-    metadata["merged"] = {"adapter": str(adapter_dir), "base_weights": base_weights, "dtype": dtype,
-                          "base_used": recipe.model.name_or_path}
-    (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-    write_model_card(out_dir)
-    return out_dir
+    merged.save_pretrained(build)  # safetensors; the whole dir is swapped in later, so in place is fine here
+    tokenizer.save_pretrained(build)
+    # re-masked: an adapter trained before recipes were masked may still hold a hub token in its recipe.yaml
+    raw = yaml.safe_load((adapter_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    atomic_write_text(build / "recipe.yaml", yaml.safe_dump(mask_secrets(raw), sort_keys=False))
+    metadata["format_version"] = METADATA_VERSION
+    metadata["merged"] = {"adapter": str(adapter_dir), "adapter_files": metadata.pop("files", None),
+                          "base_weights": base_weights, "dtype": dtype, "base_used": recipe.model.name_or_path}
+    atomic_write_json(build / METADATA_FILE, metadata)
+    write_model_card(build, name)
 
 
 # ---- verify ---------------------------------------------------------------------------------------------------
@@ -118,30 +210,49 @@ def logit_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, f
 
 
 def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | None = None,
-           rows: int = DEFAULT_VERIFY_ROWS, base: str | None = None) -> dict:
+           rows: int = DEFAULT_VERIFY_ROWS, base: str | None = None, trust_remote_code: bool = False) -> dict:
     """Logits of the 4-bit base + adapter (what was trained) vs the merged directory, on the eval set.
 
-    The merged side is loaded back from disk, so the saved files (weights, tie flag, dtype) are what is checked.
+    `merge(verify_rows=...)` does this inside its build dir, before the completion marker. On a finished
+    output (marker present) verify.json and README.md change in place, so the marker is rewritten after them
+    (under the output's lock): it lists every file by size, and excluding these two would let a truncated
+    card pass as complete.
     """
+    merged_dir = Path(merged_dir)
+    if not (merged_dir / COMPLETE_MARKER).exists():
+        return _verify(adapter_dir, merged_dir, data, rows, base, trust_remote_code, merged_dir.name)
+    with exclusive_lock(lock_path_for(merged_dir), f"merge output {merged_dir}"):
+        problem = incomplete_reason(merged_dir)
+        if problem:
+            raise MergeError(f"{merged_dir}: an incomplete merge output ({problem}); merge again")
+        result = _verify(adapter_dir, merged_dir, data, rows, base, trust_remote_code, merged_dir.name)
+        write_complete_marker(merged_dir)
+    return result
+
+
+def _verify(adapter_dir, merged_dir: Path, data, rows: int, base, trust_remote_code: bool, name: str) -> dict:
+    """Measure, write verify.json and the model card; the merged side is loaded back from disk, so the saved
+    files (weights, tie flag, dtype) are what is checked."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
     from .data import prepare
 
-    reference = AdapterSet(adapter_dir, base)
+    reference = AdapterSet(adapter_dir, base, trust_remote_code)
     data = data or reference.recipe.data.eval_file
     if not data:
         raise MergeError(f"{adapter_dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
     dataset = prepare(data, reference.tokenizer, reference.recipe, save=False).dataset
     dataset = dataset.select(range(min(rows, len(dataset))))
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map=reference.model.device).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map=reference.model.device,
+                                                  trust_remote_code=trust_remote_code).eval()
     totals = {"max_abs_logit": 0.0, "kl_sum": 0.0, "top1_matches": 0, "positions": 0}
     with torch.no_grad():
         for row in tqdm(dataset, desc="verify", unit="row"):
             ids = torch.tensor([row["input_ids"]], device=reference.model.device)
             part = logit_agreement(reference.model(input_ids=ids).logits[0], merged(input_ids=ids).logits[0])
             totals = {k: max(totals[k], part[k]) if k == "max_abs_logit" else totals[k] + part[k] for k in totals}
-    dtype = json.loads((Path(merged_dir) / METADATA_FILE).read_text())["merged"]["dtype"]
+    dtype = read_metadata(merged_dir)["merged"]["dtype"]
     result = {"rows": len(dataset), "positions": totals["positions"], "max_abs_logit": totals["max_abs_logit"],
               "mean_kl": totals["kl_sum"] / max(totals["positions"], 1),
               "top1_agreement": totals["top1_matches"] / max(totals["positions"], 1),
@@ -149,20 +260,23 @@ def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | N
     tol = TOLERANCES[dtype]
     result["passed"] = (result["max_abs_logit"] <= tol["max_abs_logit"] and result["mean_kl"] <= tol["mean_kl"]
                         and result["top1_agreement"] >= tol["top1"])
-    (Path(merged_dir) / "verify.json").write_text(json.dumps(result, indent=2))
-    write_model_card(merged_dir)
+    atomic_write_json(merged_dir / "verify.json", result)
+    write_model_card(merged_dir, name)
     return result
 
 
 # ---- model card -----------------------------------------------------------------------------------------------
 
 
-def write_model_card(out_dir: str | Path) -> Path:
-    """README.md from the directory's own tear_lora.json (and verify.json when present)."""
+def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
+    """README.md from the directory's own tear_lora.json (and verify.json when present); `name` is the final
+    directory name the card's example loads (the build dir's is temporary). Holds no recipe values, so no
+    secrets can reach it."""
     from . import template
 
     out_dir = Path(out_dir)
-    meta = json.loads((out_dir / METADATA_FILE).read_text())
+    name = name or out_dir.name
+    meta = read_metadata(out_dir)
     verified = json.loads((out_dir / "verify.json").read_text()) if (out_dir / "verify.json").exists() else None
     merged, base = meta["merged"], meta["base"]
     shape = template.render(template.segments("{input}", "{response}", "{witness}"))
@@ -209,8 +323,8 @@ stay text.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("{out_dir.name}")
-model = AutoModelForCausalLM.from_pretrained("{out_dir.name}")
+tok = AutoTokenizer.from_pretrained("{name}")
+model = AutoModelForCausalLM.from_pretrained("{name}")
 prompt = "<|input|>My question<|/input|><|response|>"
 ids = tok(prompt, return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=128, eos_token_id=tok.convert_tokens_to_ids("<|/response|>"))
@@ -220,5 +334,4 @@ out = model.generate(ids, max_new_tokens=128)  # stops at <|/witness|>
 witness = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 ```
 """
-    (out_dir / "README.md").write_text(card)
-    return out_dir / "README.md"
+    return atomic_write_text(out_dir / "README.md", card)

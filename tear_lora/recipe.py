@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .rundir import check_run_name, child_dir, unsafe_root_reason
 
 
 class RecipeError(ValueError):
@@ -62,6 +65,9 @@ class LoraSettings:
     bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
 
 
+DATA_FIELD_ROLES = ("input", "response", "witness", "id", "meta")  # what data.fields may map
+
+
 @dataclass
 class DataConfig:
     train_file: str = "data/raw/consequences.jsonl"
@@ -73,6 +79,11 @@ class DataConfig:
     min_input_tokens: int = 8  # a row whose input would shrink below this is rejected instead of trimmed
     skip_invalid: bool = False  # keep going past bad rows (they go, verbatim, to a rejects file)
     processed_dir: str = "data/processed"
+    # Your column names for our roles, e.g. {input: prompt, response: answer, witness: outcome}; a role not
+    # listed uses its own name. Roles: input, response, witness, id, meta.
+    fields: dict[str, str] = field(default_factory=dict)
+    # Columns no role uses are ignored with one notice per column; true keeps them in each row's meta.
+    keep_extra_fields: bool = False
 
 
 @dataclass
@@ -126,14 +137,18 @@ class Recipe:
         return _to_dict(self)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The resolved recipe as YAML, secrets masked: this is what gets written next to an adapter."""
+        return yaml.safe_dump(mask_secrets(self.to_dict()), sort_keys=False)
 
     def hash(self) -> str:
-        """Content hash of the resolved recipe (not of the file's formatting)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Content hash of what the recipe trains (not of the file's formatting): every section but `output`,
+        which only says where the result goes and whether to replace it. Secrets are masked first."""
+        trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k != "output"}
+        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:
-        return Path(self.output.dir) / self.output.run_name
+        """`output.dir/output.run_name`, refused (RunDirError) if it would land anywhere else."""
+        return child_dir(self.output.dir, self.output.run_name)
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
@@ -313,18 +328,53 @@ def _validate_values(recipe: Recipe, where: _Where) -> None:
         ("objective.lambda", recipe.objective.lambda_ >= 0.0, "must be >= 0"),
         ("objective.lambda_warmup_steps", recipe.objective.lambda_warmup_steps >= 0, "must be >= 0"),
         ("objective.loss_chunk_size", recipe.objective.loss_chunk_size > 0, "must be > 0"),
-        ("output.run_name", bool(recipe.output.run_name) and "/" not in recipe.output.run_name,
-         "must be a non-empty name without '/'"),
+        ("output.run_name", check_run_name(recipe.output.run_name) is None, check_run_name(recipe.output.run_name)),
+        ("output.dir", unsafe_root_reason(recipe.output.dir) is None,
+         f"{unsafe_root_reason(recipe.output.dir)}; runs are created and replaced inside it"),
         ("hardware.gpu_memory_gb", recipe.hardware.gpu_memory_gb > 0, "must be > 0"),
         ("model.name_or_path", bool(recipe.model.name_or_path), "must be non-empty"),
     ]
     for key_path, ok, message in checks:
         if not ok:
             raise RecipeError(f"{where(key_path)}: '{key_path}' {message}")
+    columns: dict[str, str] = {}  # data.fields: known roles, non-empty names, no column serving two roles
+    for role, column in recipe.data.fields.items():
+        key_path = f"data.fields.{role}"
+        if role not in DATA_FIELD_ROLES:
+            raise RecipeError(f"{where(key_path)}: unknown role '{key_path}'{_suggest(str(role), DATA_FIELD_ROLES)}")
+        if not isinstance(column, str) or not column.strip():
+            raise RecipeError(f"{where(key_path)}: '{key_path}' must be a non-empty column name, got {column!r}")
+    for role in DATA_FIELD_ROLES:
+        column = recipe.data.fields.get(role, role)
+        if column in columns:
+            other = role if role in recipe.data.fields else columns[column]
+            raise RecipeError(f"{where('data.fields.' + other)}: column {column!r} would serve both roles "
+                              f"'{columns[column]}' and '{role}'; map one of them to another column")
+        columns[column] = role
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         value = recipe.training.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise RecipeError(f"{where('training.' + key)}: 'training.{key}' must be an integer >= 1, got {value!r}")
+
+
+# Keys whose values are credentials. Not every "*_token" is one: eos_token / pad_token are SFTConfig settings.
+SECRET_KEY_PATTERN = re.compile(r"^(token|hub_token|hf_token|push_to_hub_token|access_token|auth_token)$"
+                                r"|(^|_)(password|passwd|secret|api_key|apikey|credentials?)$", re.IGNORECASE)
+MASK = "<masked>"
+
+
+def mask_secrets(value: Any) -> Any:
+    """`value` with every secret-looking key's value (hub_token, api_key, ...) replaced by a mask, recursively.
+
+    Recipes may carry `training.hub_token`; what we write to disk (recipe.yaml, metadata, model cards) is
+    shared with adapters, so the value itself never leaves the process.
+    """
+    if isinstance(value, dict):
+        return {k: MASK if SECRET_KEY_PATTERN.search(str(k)) and v not in (None, "") else mask_secrets(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    return value
 
 
 def _to_dict(obj) -> Any:

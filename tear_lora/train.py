@@ -2,27 +2,61 @@
 
 Everything that can fail because of the user's files (recipe, training arguments, data, existing run dir)
 fails before the model loads, so a typo costs seconds, not a model download.
+
+How a run treats the disk (rundir.py has the primitives):
+- One writer: `adapters/.<run>.lock` is held for the whole run; a second `train` of the same run refuses.
+- Training happens in a hidden sibling `adapters/.<run>.tmp-<pid>/` (checkpoints included). Only when the
+  adapter, tokenizer and metadata are all written is it swapped in as `adapters/<run>/`, and only then is
+  a previous run of that name deleted: a failed, killed or interrupted run leaves the previous adapter as it was.
+- `--resume` continues from the newest complete checkpoint, in the run dir or in an interrupted work dir.
+- Faults end the run with a message and a distinct exit status: non-finite loss/gradient or a full disk
+  (TrainingFault, 4), SIGTERM/SIGINT after saving a checkpoint (Interrupted, 143/130).
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shlex
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
-from .adapters import write_run_metadata
 from .data import prepare
+from .metadata import write_run_metadata
 from .model import add_adapters, format_breakdown, load_base, load_tokenizer_for, trainable_breakdown
 from .plan import check_memory
 from .recipe import Recipe, RecipeError
+from .rundir import (
+    RunDirError,
+    atomic_write_text,
+    exclusive_lock,
+    incomplete_reason,
+    lock_path_for,
+    stale_siblings,
+    swap_in,
+    temp_sibling,
+)
 from .tokens import structural_token_ids
-from .trainer import SpanCollator, TearTrainer
+from .trainer import NonFiniteError, SpanCollator, StopOnSignal, TearTrainer
 
 CHECKPOINTS = "checkpoints"
 
 
-class RunDirError(RecipeError):
-    """The run directory is in a state the requested action would damage."""
+class TrainingFault(RuntimeError):
+    """Training stopped by a fault (non-finite numbers, full disk); the message says what to do. Exit 4."""
+
+    exit_code = 4
+
+
+class Interrupted(RuntimeError):
+    """Stopped by SIGTERM / SIGINT after saving a checkpoint; exit 128 + signal number (143 / 130)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def sft_config(recipe: Recipe, output_dir: str | Path | None = None, overrides: dict | None = None):
@@ -54,38 +88,123 @@ def check_training_args(recipe: Recipe) -> list[str]:
     return notes
 
 
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when its marker is there and its files parse)."""
+    from safetensors import safe_open
+
+    problem = incomplete_reason(checkpoint)
+    if problem:
+        return problem
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        with safe_open(checkpoint / "adapter_model.safetensors", "pt") as f:
+            list(f.keys())
+    except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike mean "do not resume from it"
+        return f"unreadable: {e}"
+    return None
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def find_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints newest first, [(skipped checkpoint, why)]) of a run: its run dir and the work
+    dirs of interrupted runs."""
+    dirs = [run_dir, *stale_siblings(run_dir)]
+    found = [p for d in dirs for p in (d / CHECKPOINTS).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    good, skipped = [], []
+    for checkpoint in sorted(found, key=lambda p: (_step(p), p.stat().st_mtime), reverse=True):
+        problem = checkpoint_problem(checkpoint)
+        (skipped.append((checkpoint, problem)) if problem else good.append(checkpoint))
+    return good, skipped
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest *complete* checkpoint: trainer_state.json is written last, so a run killed mid-save is skipped."""
-    candidates = [p for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(candidates, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """Newest complete checkpoint of a run (run dir or interrupted work dir), or None."""
+    return next(iter(find_checkpoints(Path(run_dir))[0]), None)
 
 
-def _resolve_resume(recipe: Recipe, resume: str | bool | None) -> Path | None:
+# ---- the work dir -----------------------------------------------------------------------------------------------
+
+
+def _start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Path | None]:
+    """(work dir to train in, checkpoint inside it to resume from or None). Refuses what would lose a run."""
     run_dir = recipe.run_dir()
     if resume in (None, False):
         if (run_dir / "adapter_config.json").exists() or latest_checkpoint(run_dir):
             if not recipe.output.overwrite:
-                raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it, or "
-                                  "--set output.overwrite=true (or another output.run_name) to start over")
-            shutil.rmtree(run_dir)
-        return None
-    checkpoint = latest_checkpoint(run_dir) if resume is True else Path(resume)
-    if checkpoint is None or not checkpoint.exists():
-        raise RunDirError(f"nothing to resume: no complete checkpoint {'in ' + str(run_dir / CHECKPOINTS) if resume is True else str(resume)}")
-    return checkpoint
+                raise RunDirError(f"{run_dir} already holds a run (or an interrupted one); pass --resume to "
+                                  "continue it, or --set output.overwrite=true (or another output.run_name) to "
+                                  "start over (the old run is kept until the new one has finished)")
+        return temp_sibling(run_dir), None
+    if resume is True:
+        good, skipped = find_checkpoints(run_dir)
+        for checkpoint, why in skipped:
+            print(f"resume: skipping {checkpoint}: {why}", flush=True)
+        if not good:
+            raise RunDirError(f"nothing to resume: no complete checkpoint for run '{recipe.output.run_name}' in "
+                              f"{run_dir / CHECKPOINTS} or an interrupted work dir")
+        checkpoint = good[0]
+    else:
+        checkpoint = Path(resume)
+        problem = "not found" if not checkpoint.is_dir() else checkpoint_problem(checkpoint)
+        if problem:
+            raise RunDirError(f"cannot resume from {checkpoint}: {problem}")
+    print(f"resume: continuing from {checkpoint}", flush=True)
+    owner = checkpoint.parent.parent
+    if owner.resolve() in {p.resolve() for p in stale_siblings(run_dir)}:  # an interrupted run's work dir: adopt it
+        work = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
+        owner.rename(work)
+        return work, work / CHECKPOINTS / checkpoint.name
+    work = temp_sibling(run_dir)  # a finished run's (or any) checkpoint: copy, the original stays as it is
+    shutil.copytree(checkpoint, work / CHECKPOINTS / checkpoint.name)
+    return work, work / CHECKPOINTS / checkpoint.name
+
+
+def _resume_command(recipe: Recipe) -> str:
+    return f"tear-lora train {shlex.quote(recipe.source or 'RECIPE')} --resume"
+
+
+def _keep_or_drop(work: Path) -> None:
+    """After a failure: keep a work dir that holds a resumable checkpoint, remove one that holds nothing useful."""
+    if work.exists() and not any(checkpoint_problem(p) is None for p in (work / CHECKPOINTS).glob("checkpoint-*")):
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
 
 
 def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -> Path:
     """Train one adapter; returns its directory. On CUDA, a recipe the memory plan says cannot fit its GPU is
     refused before anything loads unless `force`."""
-    args = sft_config(recipe)
+    sft_config(recipe)  # bad training values fail here, before anything is written
     check_memory(recipe, force=force)
-    checkpoint = _resolve_resume(recipe, resume)
-    tokenizer = load_tokenizer_for(recipe)
-    train_data = prepare(recipe.data.train_file, tokenizer, recipe)
-    eval_data = prepare(recipe.data.eval_file, tokenizer, recipe) if recipe.data.eval_file else None
-    _report_rejects(train_data, eval_data)
+    run_dir = recipe.run_dir()
+    with exclusive_lock(lock_path_for(run_dir), f"run dir {run_dir}"):
+        tokenizer = load_tokenizer_for(recipe)
+        train_data = prepare(recipe.data.train_file, tokenizer, recipe)
+        eval_data = prepare(recipe.data.eval_file, tokenizer, recipe) if recipe.data.eval_file else None
+        _report_rejects(train_data, eval_data)
+        work, checkpoint = _start_work_dir(recipe, resume)
+        try:
+            _train_in(work, recipe, tokenizer, train_data, eval_data, checkpoint)
+        except BaseException:
+            _keep_or_drop(work)
+            raise
+        superseded = [p for p in stale_siblings(run_dir) if p != work]
+        swap_in(work, run_dir)
+        for old in superseded:  # interrupted attempts of this run, now replaced by a finished one
+            shutil.rmtree(old, ignore_errors=True)
+    print(f"adapter saved to {run_dir}", flush=True)
+    return run_dir
 
+
+def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, checkpoint: Path | None) -> None:
+    args = sft_config(recipe, output_dir=work / CHECKPOINTS)
     # LoRA A is drawn from torch's RNG (randomly seeded per process); Trainer seeds only after the model exists
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
@@ -99,25 +218,46 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
     breakdown = trainable_breakdown(model)
     print(format_breakdown(breakdown), flush=True)
 
+    stop = StopOnSignal()
     trainer = TearTrainer(
         model=model, args=args, train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=tokenizer,
         data_collator=SpanCollator(tokenizer.pad_token_id), lambda_=recipe.objective.lambda_,
-        lambda_warmup_steps=recipe.objective.lambda_warmup_steps, loss_chunk_size=recipe.objective.loss_chunk_size)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        lambda_warmup_steps=recipe.objective.lambda_warmup_steps, loss_chunk_size=recipe.objective.loss_chunk_size,
+        callbacks=[stop])
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except NonFiniteError as e:
+        raise TrainingFault(f"{e}; last finite logged loss {trainer.last_finite_loss()}; {_newest(work)}. "
+                            "Nothing with NaN/Inf was saved. Lower training.learning_rate or check the data, then "
+                            f"resume with `{_resume_command(recipe)}` or start over") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise TrainingFault(f"disk full while writing under {work} ({e}); {_newest(work)}; free some space, then "
+                            f"`{_resume_command(recipe)}`") from None
+    finally:
+        stop.uninstall()
+    if stop.received is not None:
+        name = signal.Signals(stop.received).name
+        raise Interrupted(f"{name}: stopped after optimizer step {trainer.state.global_step}; {_newest(work)}. "
+                          f"Continue with: {_resume_command(recipe)}", stop.received)
+
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
                "train_runtime_s": result.metrics.get("train_runtime")}
     if eval_data is not None:
         metrics.update(trainer.evaluate())
+    trainer.save_model(str(work))
+    atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
+    write_run_metadata(work, recipe, tokenizer, train_data.manifest, eval_data.manifest if eval_data else None,
+                       metrics, breakdown, log_history=trainer.state.log_history)
 
-    run_dir = recipe.run_dir()
-    trainer.save_model(str(run_dir))
-    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    write_run_metadata(run_dir, recipe, tokenizer, train_data.manifest,
-                       eval_data.manifest if eval_data else None, metrics, breakdown,
-                       log_history=trainer.state.log_history)
-    print(f"adapter saved to {run_dir}", flush=True)
-    return run_dir
+
+def _newest(work: Path) -> str:
+    good = [p for p in (work / CHECKPOINTS).glob("checkpoint-*") if checkpoint_problem(p) is None]
+    newest = max(good, key=_step, default=None)
+    return f"newest good checkpoint: {newest}" if newest else "no complete checkpoint yet"
 
 
 def _report_rejects(*prepared) -> None:
@@ -125,3 +265,4 @@ def _report_rejects(*prepared) -> None:
         if p is not None and p.manifest["rows_rejected"]:
             print(f"warning: {p.manifest['source']}: {p.manifest['rows_rejected']} row(s) rejected, "
                   f"listed in {p.out_dir / 'rejects.jsonl'}", flush=True)
+

@@ -8,18 +8,29 @@ Hooks overridden, each for one reason:
   all ranks) so a mean stays exact; we count the two spans separately, for the same reason.
 - `log`: adds token-weighted response_loss / witness_loss / lambda / token counts to every log line.
 - `_load_from_checkpoint` / `_run_epoch`: --resume restores the token rows too and never trains past max_steps.
-- `_save`: the adapter with its token rows, never whole embedding matrices.
+- `_save`: the adapter with its token rows, never whole embedding matrices, never non-finite values.
+- `_save_checkpoint`: a completion marker after all of a checkpoint's files, so --resume can trust it.
+- `training_step` / `_get_grad_norm`: stop at the first non-finite loss or gradient, before the optimizer
+  writes it into the adapter (HF would log around a NaN loss and step on a NaN gradient).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .loss import count_span_tokens, span_loss, span_targets
+from .rundir import atomic_write_text, write_complete_marker
 from .template import PAD_ROLE
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient or weight became NaN/Inf; training stops before it reaches a saved adapter."""
 
 
 class SpanCollator:
@@ -123,6 +134,24 @@ class TearTrainer(SFTTrainer):
         self._span_totals[mode].zero_()
         super().log(logs, start_time)
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteError(f"non-finite loss ({float(loss)}) at optimizer step {self.state.global_step + 1}")
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(f"non-finite gradient norm ({float(grad_norm)}) at optimizer step "
+                                 f"{self.state.global_step + 1}")
+        return grad_norm
+
+    def last_finite_loss(self) -> float | None:
+        """The newest logged training loss that was a number (for fault messages)."""
+        losses = [e["loss"] for e in self.state.log_history if isinstance(e.get("loss"), (int, float))]
+        return next((v for v in reversed(losses) if math.isfinite(v)), None)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the adapter into the live parameters on --resume.
 
@@ -137,8 +166,12 @@ class TearTrainer(SFTTrainer):
         if not hasattr(model, "peft_config") or not os.path.exists(weights):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         result = set_peft_model_state_dict(model, load_file(weights))
-        if result.unexpected_keys:
-            raise RuntimeError(f"{weights} does not match this model: unexpected {result.unexpected_keys[:3]}")
+        # missing_keys lists every frozen base weight too; only trainable ones must come from the checkpoint
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(k for k in result.missing_keys if k in trainable)
+        if result.unexpected_keys or missing:
+            raise RuntimeError(f"{weights} does not match this model: unexpected keys {result.unexpected_keys[:3]}, "
+                               f"missing trainable keys {missing[:3]}")
 
     def _run_epoch(self, *args, **kwargs):
         # HF checks max_steps only after an optimizer step, so resuming a checkpoint at max_steps trained one more
@@ -148,13 +181,75 @@ class TearTrainer(SFTTrainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the adapter with the token rows inside it, never whole embedding matrices."""
+        """Save the adapter with the token rows inside it, never whole embedding matrices or NaN/Inf.
+
+        The training arguments go out as JSON with tokens masked (HF's `to_json_string`), not as HF's pickled
+        training_args.bin: a pickle can carry a hub token and runs code when loaded.
+        """
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(f"refusing to save {output_dir}: {len(bad)} trainable tensor(s) hold NaN/Inf "
+                                 f"(first: {bad[0]})")
+        os.makedirs(output_dir, exist_ok=True)
         model.save_pretrained(output_dir, save_embedding_layers=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        atomic_write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """HF's checkpoint, then a completion marker; older checkpoints rotate out only after it is written."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if not self.args.should_save:
+            return
+        run_dir = self._get_output_dir(trial=trial)
+        write_complete_marker(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"),
+                              {"global_step": self.state.global_step})
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGINT: finish the current optimizer step, save a checkpoint, stop. A second signal aborts.
+
+    Preemptible machines and schedulers send SIGTERM some seconds before they kill; one step plus a
+    checkpoint usually fits in that grace period, and `--resume` then continues exactly.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # second signal: no more waiting
+            self.uninstall()
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this optimizer step and saving a checkpoint "
+              "(send it again to abort at once)", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

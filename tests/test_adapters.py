@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tear_lora.adapters import AdapterError, AdapterSet
+from tear_lora.adapters import AdapterSet
 from tear_lora.cli import main
+from tear_lora.metadata import AdapterError
 from tear_lora.template import encode, segments
 from tear_lora.tokens import STRUCTURAL_TOKENS
 

@@ -1,11 +1,12 @@
 import json
+import re
 import subprocess
 import sys
 from difflib import SequenceMatcher
 
 import pytest
 
-from tear_lora.data import DataError, load_triples, prepare, read_rows
+from tear_lora.data import DataError, load_triples, prepare
 from tear_lora.template import RESPONSE, WITNESS
 
 from .conftest import REPO, make_recipe
@@ -68,15 +69,15 @@ def test_duplicates_rejected(tmp_path):
 
 def test_file_level_problems(tmp_path):
     with pytest.raises(DataError, match="file not found"):
-        read_rows(tmp_path / "missing.jsonl")
-    with pytest.raises(DataError, match="file is empty"):
-        read_rows(jsonl(tmp_path, ["", "  "]))
+        load_triples(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match=r"d.jsonl:1: no rows \(the file is empty"):
+        load_triples(jsonl(tmp_path, ["", "  "]))
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"input": "caf\xe9"}'.encode("latin-1") + b"\n")
     with pytest.raises(DataError, match=r"latin1.jsonl:2: not valid UTF-8 \(byte 0xe9"):
-        read_rows(latin1)
+        load_triples(latin1)
     with pytest.raises(DataError, match="unsupported format '.txt'"):
-        read_rows(jsonl(tmp_path, [GOOD], name="d.txt"))
+        load_triples(jsonl(tmp_path, [GOOD], name="d.txt"))
 
 
 def test_bom_and_crlf_are_accepted(tmp_path):
@@ -149,3 +150,112 @@ def test_cli_exit_2_without_traceback(tmp_path, tiny_model_dir):
     assert result.returncode == 2
     assert f"{path}:2: field 'witness': must be a non-empty string" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---- the processed-data cache ------------------------------------------------------------------------------------
+
+
+def test_cache_dir_is_keyed_by_everything_that_changes_the_output(tmp_path, tokenizer, tiny_model_dir, monkeypatch):
+    from tear_lora import data
+
+    raw = REPO / "data/raw/eval.jsonl"
+    short = prepare(raw, tokenizer, make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64}))
+    long = prepare(raw, tokenizer, make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 128}))
+    same_fields = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64, "fields": {"input": "input"}})
+    extra = prepare(raw, tokenizer, make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64,
+                                                                                "keep_extra_fields": True}))
+    other_tokenizer = type(tokenizer).from_pretrained(str(tiny_model_dir))
+    from tear_lora.tokens import add_structural_tokens
+
+    other_tokenizer.add_tokens(["<extra-token>"])
+    add_structural_tokens(other_tokenizer)
+    other = prepare(raw, other_tokenizer, make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64}))
+    dirs = [p.out_dir for p in (short, long, extra, other)]
+    assert len(set(dirs)) == 4 and all(d.parent == tmp_path / "processed" and d.name.startswith("eval-") for d in dirs)
+    assert all((d / "manifest.json").is_file() and (d / "dataset").is_dir() for d in dirs)
+    assert max(len(r) for r in short.dataset["input_ids"]) <= 64 < max(len(r) for r in long.dataset["input_ids"])
+
+    def no_build(*args):
+        raise AssertionError("rebuilt a cache that was still valid")
+
+    monkeypatch.setattr(data, "_build", no_build)
+    again = prepare(raw, tokenizer, same_fields)  # same resolved settings: the same cache, reused
+    assert again.out_dir == short.out_dir and again.dataset["input_ids"] == short.dataset["input_ids"]
+
+
+def test_damaged_cache_is_rebuilt_not_trusted(tmp_path, tokenizer, recipe):
+    raw = REPO / "data/raw/eval.jsonl"
+    first = prepare(raw, tokenizer, recipe)
+    expected = first.dataset["input_ids"]
+    manifest = first.out_dir / "manifest.json"
+    manifest.write_text(manifest.read_text()[:100])  # truncated: killed mid-write by an older version, say
+    assert prepare(raw, tokenizer, recipe).dataset["input_ids"] == expected
+    assert json.loads(manifest.read_text())["rows_kept"] == len(expected)
+    manifest.write_text("{}" + " " * (len(manifest.read_text()) - 2))  # same size, wrong content
+    assert prepare(raw, tokenizer, recipe).manifest["rows_kept"] == len(expected)
+    for arrow in (first.out_dir / "dataset").glob("*.arrow"):
+        arrow.unlink()
+    assert prepare(raw, tokenizer, recipe).dataset["input_ids"] == expected
+    assert not [p for p in (tmp_path / "processed").iterdir() if ".build-" in p.name]  # no temp dirs left
+
+
+def test_cache_in_use_stays_readable_while_other_settings_build(tmp_path, tokenizer, tiny_model_dir):
+    raw = REPO / "data/raw/eval.jsonl"
+    recipe_64 = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64})
+    expected = prepare(raw, tokenizer, recipe_64, save=False).dataset["input_ids"]
+    in_use = prepare(raw, tokenizer, recipe_64, out_dir=tmp_path / "shared").dataset  # memory-mapped, not read yet
+    in_use_default = prepare(raw, tokenizer, recipe_64).dataset
+    recipe_128 = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 128})
+    prepare(raw, tokenizer, recipe_128)  # another cache dir
+    replaced = prepare(raw, tokenizer, recipe_128, out_dir=tmp_path / "shared")  # the same --out, swapped in
+    assert in_use_default["input_ids"] == expected and in_use["input_ids"] == expected
+    assert replaced.out_dir == tmp_path / "shared" and replaced.manifest["settings"]["max_seq_len"] == 128
+
+
+def test_second_prepare_waits_for_the_first_then_reuses_it(tmp_path, tokenizer, recipe):
+    import shutil
+    import threading
+    import time
+
+    from tear_lora import rundir
+
+    raw = REPO / "data/raw/eval.jsonl"
+    final = prepare(raw, tokenizer, recipe).out_dir
+    shutil.rmtree(final)
+    results = []
+    with rundir.exclusive_lock(rundir.lock_path_for(final), "a build in another process"):
+        waiting = threading.Thread(target=lambda: results.append(prepare(raw, tokenizer, recipe)))
+        waiting.start()
+        time.sleep(1.0)
+        assert waiting.is_alive() and not final.exists()  # it waits instead of failing or building alongside
+    waiting.join(timeout=120)
+    assert results and results[0].out_dir == final and len(results[0].dataset) >= 60
+
+
+def test_explicit_out_never_replaces_a_foreign_directory(tmp_path, tokenizer, recipe):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a processed-data directory"):
+        prepare(REPO / "data/raw/eval.jsonl", tokenizer, recipe, out_dir=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_field_mapping_in_prepare_and_recipe_validation(tmp_path, tokenizer, tiny_model_dir):
+    from tear_lora.recipe import RecipeError
+
+    path = jsonl(tmp_path, [{"prompt": "q?", "answer": " a.", "outcome": " o.", "source": "web"},
+                            {"prompt": "q2?", "answer": " ", "outcome": " o.", "source": "web"}])
+    fields = {"input": "prompt", "response": "answer", "witness": "outcome"}
+    recipe = make_recipe(tiny_model_dir, tmp_path, data={"fields": fields, "skip_invalid": True})
+    prepared = prepare(path, tokenizer, recipe)
+    assert len(prepared.dataset) == 1
+    assert prepared.manifest["rejects"][0]["reason"].startswith("field 'answer': must be a non-empty string")
+    assert prepared.manifest["notices"] == [f"{path}: ignored field 'source' in 2 rows (map it with data.fields "
+                                            "or keep it with data.keep_extra_fields)"]
+    for bad, message in [({"responce": "answer"}, "unknown role 'data.fields.responce'; did you mean 'response'?"),
+                         ({"input": ""}, "'data.fields.input' must be a non-empty column name"),
+                         ({"input": 3}, "'data.fields.input' must be a non-empty column name, got 3"),
+                         ({"input": "witness"}, "column 'witness' would serve both roles 'input' and 'witness'")]:
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            make_recipe(tiny_model_dir, tmp_path, data={"fields": bad})

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from tear_lora.adapters import AdapterError, AdapterSet, check_base
+from tear_lora.adapters import AdapterSet, check_base
 from tear_lora.cli import main
 from tear_lora.export import MergeError, merge_into
+from tear_lora.metadata import AdapterError
 from tear_lora.model import load_base
 from tear_lora.tokens import WITNESS_CLOSE
 
@@ -103,9 +104,12 @@ def test_mismatched_tokenizer_refused(pair, reference, qwen_tokenizer):
         check_base(pair["a"], reference.recipe, qwen_tokenizer)
 
 
-def test_output_dir_must_be_empty(pair, merged, capsys):
-    assert main(["merge", str(pair["a"]), "--out", str(merged["dequantized"])]) == 2
-    assert "not empty" in capsys.readouterr().err
+def test_output_dir_must_be_new_or_a_merge_output(pair, capsys):
+    # e.g. the adapter dir itself: non-empty and not a merge output (tests/test_integrity.py has the other cases)
+    before = sorted(p.name for p in pair["a"].iterdir())
+    assert main(["merge", str(pair["a"]), "--out", str(pair["a"])]) == 2
+    assert "not a complete tear-lora merge output" in capsys.readouterr().err
+    assert sorted(p.name for p in pair["a"].iterdir()) == before
 
 
 def test_merged_files(merged, pair):

@@ -72,7 +72,7 @@ for m in base.modules():
 model = PeftModel.from_pretrained(base, {str(run_dir)!r}).eval()
 sums, counts = [0.0, 0.0], [0, 0]
 with torch.no_grad():
-    for row in load_from_disk({str(tmp_path / "processed/eval/dataset")!r}):
+    for row in load_from_disk({str(next((tmp_path / "processed").glob("eval-*")) / "dataset")!r}):
         ids, roles = torch.tensor([row["input_ids"]]), torch.tensor(row["span_roles"][1:])
         nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
         for k, role in enumerate((1, 2)):
@@ -102,14 +102,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir
 
     recipe = write_recipe(tmp_path, tiny_model_dir, "killed", **steps)
     process = tear_lora("train", recipe, start_new_session=True)
-    checkpoint = tmp_path / "adapters/killed/checkpoints/checkpoint-2/trainer_state.json"
+    # training happens in a hidden work dir; a checkpoint counts once its completion marker exists
+    marker = f".killed.tmp-{process.pid}/checkpoints/checkpoint-2/.tear_lora_complete"
     deadline = time.time() + 300
-    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+    while not (tmp_path / "adapters" / marker).exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.communicate()
-    assert checkpoint.exists()
-    assert not (tmp_path / "adapters/killed/adapter_model.safetensors").exists()  # it really was interrupted
+    assert (tmp_path / "adapters" / marker).exists()
+    assert not (tmp_path / "adapters/killed").exists()  # it really was interrupted: no run dir yet
 
     straight = load_file(tmp_path / "adapters/straight/adapter_model.safetensors")
     final = tmp_path / "adapters/killed/adapter_model.safetensors"
@@ -120,8 +121,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir
         diffs = {name: (straight[name] - resumed[name]).abs().max().item() for name in straight}
         assert max(diffs.values()) <= 1e-5, diffs
 
-    assert "adapter saved" in finish(tear_lora("train", recipe, "--resume"))
+    out = finish(tear_lora("train", recipe, "--resume"))
+    assert "resume: continuing from" in out and "checkpoint-2" in out and "adapter saved" in out
     assert_matches_straight()
+    assert [p.name for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".killed.tmp")] == []
 
     # Killed after the last checkpoint but before the final save: resuming at max_steps trains nothing more.
     final.unlink()

@@ -1,0 +1,238 @@
+"""Safe writing: every file and directory tear_lora writes goes through here.
+
+Three promises, each kept by one piece of this module:
+- Nothing lands outside where it belongs: run names are plain names, and output roots may not be `/`, the
+  home directory, the project or an ancestor of them (`check_run_name`, `unsafe_root_reason`).
+- A reader never sees half a file or half a directory: files are written to a temp name and renamed
+  (`atomic_write_*`); directories are built under a hidden sibling and swapped in only when complete
+  (`swap_in`), so the previous result stays until its replacement is whole. Markers written last
+  (`write_complete_marker`) tell a finished directory from a killed one.
+- One writer at a time: `exclusive_lock` holds an `fcntl.flock` for the whole job and names the holder.
+
+Plain stdlib: none of the libraries we build on offers these for directories (safetensors and HF write
+files in place; HF Trainer's checkpoints have no completion marker).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+COMPLETE_MARKER = ".tear_lora_complete"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunDirError(ValueError):
+    """A path or directory state that the requested write would damage; the CLI exits with status 2."""
+
+
+class LockedError(RunDirError):
+    """Another process holds the lock on this directory."""
+
+
+# ---- where we may write ----------------------------------------------------------------------------------------
+
+
+def check_run_name(name: str) -> str | None:
+    """Why `name` is not a safe directory name (None when it is): one path component, no `..`, no leading dot."""
+    if not isinstance(name, str) or not RUN_NAME_PATTERN.fullmatch(name):
+        return "must match [A-Za-z0-9][A-Za-z0-9._-]* (a plain name: no '/', no leading '.' or '-')"
+    if ".." in name:
+        return "must not contain '..'"
+    return None
+
+
+def _protected_dirs() -> list[Path]:
+    dirs = [Path("/"), Path.home(), Path.cwd(), PROJECT_ROOT]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def unsafe_root_reason(path: str | Path) -> str | None:
+    """Why `path` must never be an output root we create, replace or delete things in (None when it is fine).
+
+    Refused: `/`, the home directory, the current directory, the tear_lora project, and any ancestor of them.
+    A subdirectory of them (`adapters/`, `models/x`) is fine.
+    """
+    resolved = Path(path).expanduser().resolve()
+    for protected in _protected_dirs():
+        if resolved == protected or resolved in protected.parents:
+            what = {Path("/"): "the filesystem root", Path.home().resolve(): "the home directory",
+                    PROJECT_ROOT: "the tear_lora project", Path.cwd().resolve(): "the current directory"}
+            return f"resolves to {resolved}, which is {what.get(protected, str(protected))} or an ancestor of it"
+    return None
+
+
+def child_dir(root: str | Path, name: str) -> Path:
+    """`root/name`, refusing a name or root that would put the directory anywhere else."""
+    problem = check_run_name(name)
+    if problem:
+        raise RunDirError(f"run name {name!r} {problem}")
+    problem = unsafe_root_reason(root)
+    if problem:
+        raise RunDirError(f"output directory {str(root)!r} {problem}")
+    path = Path(root) / name
+    if path.resolve().parent != Path(root).resolve():
+        raise RunDirError(f"{path} does not lie directly inside {root}")
+    return path
+
+
+# ---- atomic files ------------------------------------------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN / Inf replaced by None: bare NaN is not JSON, and other readers reject it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _ignore_missing():
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+@contextmanager
+def _ignore_missing():
+    try:
+        yield
+    except FileNotFoundError:
+        pass
+
+
+# ---- directories -------------------------------------------------------------------------------------------------
+
+
+def temp_sibling(final: str | Path, kind: str = "tmp") -> Path:
+    """A fresh hidden sibling `.<name>.<kind>-<pid>` of `final` (same filesystem, so a rename is atomic)."""
+    final = Path(final)
+    path = final.parent / f".{final.name}.{kind}-{os.getpid()}"
+    if path.exists():
+        shutil.rmtree(path)  # our own leftover: same name, same pid, so this process made it
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
+    return path
+
+
+def stale_siblings(final: str | Path, kind: str = "tmp") -> list[Path]:
+    """Hidden siblings of `final` left by earlier processes (killed runs), newest first."""
+    final = Path(final)
+    found = [p for p in final.parent.glob(f".{final.name}.{kind}-*") if p.is_dir()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def swap_in(built: Path, final: Path) -> None:
+    """Make the completely built directory `built` become `final`; the old `final` is deleted only afterwards.
+
+    rename(2) cannot replace a non-empty directory, so the old one is first renamed aside; if putting the new
+    one in place then fails, the old one is put back.
+    """
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    try:
+        os.replace(built, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_complete_marker(directory: str | Path, info: dict | None = None) -> Path:
+    """Written last: lists every file with its size, so a later reader can tell complete from killed mid-write."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
+             if p.is_file() and p.name != COMPLETE_MARKER}
+    return atomic_write_json(directory / COMPLETE_MARKER, {"files": files, **(info or {})})
+
+
+def incomplete_reason(directory: str | Path) -> str | None:
+    """Why `directory` is not a complete tear_lora output (None when its marker exists and every file matches)."""
+    directory = Path(directory)
+    marker = directory / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"no {COMPLETE_MARKER} marker (the write that made it did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE_MARKER} marker"
+    for name, size in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or changed)"
+    return None
+
+
+# ---- one writer ----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def exclusive_lock(lock_path: str | Path, what: str):
+    """Hold an exclusive `flock` on `lock_path` for the block; if another process holds it, refuse at once.
+
+    The lock file records the holder's pid so the refusal can name it. flock is released by the kernel when
+    the holder dies, so a killed run never leaves a stale lock behind.
+    """
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise LockedError(f"{what} is in use by another tear_lora process (pid {holder}; lock {lock_path}); "
+                              "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def lock_path_for(directory: str | Path) -> Path:
+    """The lock file guarding `directory`: a hidden sibling, so it survives the directory being swapped."""
+    directory = Path(directory)
+    return directory.parent / f".{directory.name}.lock"

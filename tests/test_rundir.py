@@ -1,0 +1,138 @@
+"""rundir: where we may write, atomic files and directories, completion markers, one writer per directory."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tear_lora.recipe import RecipeError, load_recipe
+from tear_lora.rundir import (
+    COMPLETE_MARKER,
+    LockedError,
+    RunDirError,
+    atomic_write_json,
+    atomic_write_text,
+    check_run_name,
+    child_dir,
+    exclusive_lock,
+    incomplete_reason,
+    lock_path_for,
+    swap_in,
+    temp_sibling,
+    unsafe_root_reason,
+    write_complete_marker,
+)
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "../x", "a/b", "/abs", ".hidden", "-flag", "a..b", "x\n", "é"])
+def test_unsafe_run_names_are_refused(name):
+    assert check_run_name(name) is not None
+
+
+@pytest.mark.parametrize("name", ["run", "qwen3-1.7b-lambda0.5", "A_1", "x.y-z"])
+def test_plain_run_names_are_fine(name):
+    assert check_run_name(name) is None
+
+
+def test_protected_roots_are_refused(tmp_path):
+    for path in ("/", str(Path.home()), str(REPO), str(REPO.parent), str(REPO / ".." / ".."), "~", "."):
+        assert unsafe_root_reason(path) is not None, path
+    assert unsafe_root_reason(REPO / "adapters") is None
+    assert unsafe_root_reason(tmp_path / "out") is None
+    with pytest.raises(RunDirError):
+        child_dir(REPO / "adapters", "..")
+    assert child_dir(tmp_path, "run") == tmp_path / "run"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("output.run_name", "..", "output.run_name"),
+    ("output.run_name", ".", "output.run_name"),
+    ("output.run_name", "a/../../b", "output.run_name"),
+    ("output.dir", "/", "output.dir"),
+    ("output.dir", str(REPO), "output.dir"),
+    ("output.dir", str(Path.home()), "output.dir"),
+])
+def test_recipe_refuses_escaping_run_dirs_with_key_and_line(tmp_path, key, value, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((REPO / "recipes/tiny-cpu.yaml").read_text())
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe, [f"{key}={value}", "output.overwrite=true"])
+    assert f"'{message}'" in str(err.value) and str(recipe) in str(err.value)
+
+
+def test_cli_train_escape_is_refused_and_nothing_is_deleted(tmp_path):
+    """Regression: run_name '..' with overwrite used to rmtree the parent of adapters/ (the project)."""
+    canary = REPO / "adapters" / "README.md"
+    before = canary.read_bytes()
+    for override in ("output.run_name=..", "output.run_name=.", "output.dir=/"):
+        result = subprocess.run([sys.executable, "-m", "tear_lora.cli", "train", str(REPO / "recipes/tiny-cpu.yaml"),
+                                 "--set", override, "--set", "output.overwrite=true"], capture_output=True,
+                                text=True, timeout=120, cwd=REPO)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and override.split("=")[0] in result.stderr
+    assert canary.read_bytes() == before and (REPO / ".git").is_dir() and (REPO / "tear_lora").is_dir()
+
+
+def test_atomic_writes_never_leave_half_a_file(tmp_path, monkeypatch):
+    path = atomic_write_json(tmp_path / "m.json", {"loss": float("nan"), "ok": [1.0, math.inf]})
+    assert json.loads(path.read_text()) == {"loss": None, "ok": [1.0, None]}  # no bare NaN: valid JSON
+    atomic_write_text(tmp_path / "t.txt", "old")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        atomic_write_text(tmp_path / "t.txt", "new" * 1000)
+    assert (tmp_path / "t.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "t.txt"]  # no temp file left behind
+
+
+def test_swap_in_replaces_only_when_complete(tmp_path):
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "a").write_text("old")
+    built = temp_sibling(final)
+    assert built.name.startswith(".run.tmp-") and built.parent == tmp_path
+    (built / "a").write_text("new")
+    swap_in(built, final)
+    assert (final / "a").read_text() == "new" and not built.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the old one is gone only after the swap
+
+
+def test_completion_marker_detects_missing_and_truncated_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "w.bin").write_bytes(b"x" * 100)
+    (tmp_path / "sub/c.json").write_text("{}")
+    assert "no .tear_lora_complete" in incomplete_reason(tmp_path)
+    write_complete_marker(tmp_path)
+    assert incomplete_reason(tmp_path) is None
+    (tmp_path / "w.bin").write_bytes(b"x" * 50)
+    assert "w.bin has 50 bytes, 100 were written" in incomplete_reason(tmp_path)
+    (tmp_path / "sub/c.json").unlink()
+    (tmp_path / "w.bin").write_bytes(b"x" * 100)
+    assert "sub/c.json is missing" in incomplete_reason(tmp_path)
+    (tmp_path / COMPLETE_MARKER).write_text("{trunc")
+    assert "unreadable" in incomplete_reason(tmp_path)
+
+
+def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
+    lock = lock_path_for(tmp_path / "run")
+    assert lock == tmp_path / ".run.lock"
+    script = ("import sys; from tear_lora.rundir import exclusive_lock, LockedError\n"
+              "try:\n    with exclusive_lock(sys.argv[1], 'run dir x'): print('got it')\n"
+              "except LockedError as e: print(e); sys.exit(2)")
+    with exclusive_lock(lock, "run dir x"):
+        other = subprocess.run([sys.executable, "-c", script, str(lock)], capture_output=True, text=True, timeout=60)
+        assert other.returncode == 2 and f"pid {os.getpid()}" in other.stdout
+        with pytest.raises(LockedError):  # a second open file description in this process is refused too
+            with exclusive_lock(lock, "run dir x"):
+                pass
+    other = subprocess.run([sys.executable, "-c", script, str(lock)], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 0 and "got it" in other.stdout  # released when the holder leaves the block
