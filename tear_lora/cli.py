@@ -157,6 +157,20 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def cmd_analyze(args) -> int:
+    from .analyze import Settings, analyze
+    from .analyze_report import format_analysis, plot_analysis
+
+    layers = [int(v) for v in args.layers.split(",")] if args.layers else None
+    settings = Settings(folds=args.folds, seed=args.seed, bootstrap=args.bootstrap, layers=layers,
+                        batch_size=args.batch_size)
+    report = analyze(args.sources, args.data, settings, args.base, args.trust_remote_code)
+    if args.plot:
+        report["plot"] = str(plot_analysis(report, args.plot))
+    _emit(report, args.json, lambda: format_analysis(report) + (f"\nplot: {report['plot']}" if args.plot else ""))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import plot_training_curves, summary_table
 
@@ -249,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG path (default: <output.dir>/<run_name>-sweep.png)")
     _release_args(p, base=False, gen=True)
     p.set_defaults(func=cmd_sweep)
+
+    p = verbs.add_parser("analyze", help="does the witness depend on the response? matching, sensitivity, probe")
+    p.add_argument("sources", nargs="+", help="adapter dirs (one shared base) and/or merged model dirs")
+    p.add_argument("--data", required=True, action="append", help="triples file (repeatable); witness matching "
+                   "needs contrast pairs (meta.pair), the probe meta.valence, sensitivity meta.domain")
+    p.add_argument("--plot", help="write a PNG of the three instruments against lambda")
+    p.add_argument("--folds", type=int, default=5, help="probe cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="mismatch draw, folds, label shuffle, bootstrap (default 0)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--layers", help="probe layers, e.g. 0,6,12 (0 = embeddings; default: every layer)")
+    p.add_argument("--batch-size", type=int, default=8)
+    _release_args(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = verbs.add_parser("report", help="summary table and training-curve PNG of a run")
     p.add_argument("adapter", help="adapters/<run> directory")

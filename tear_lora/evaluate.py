@@ -102,23 +102,31 @@ def evaluate(sources: list[str | Path], data_file: str | Path, base: str | None 
 def _base_rows_for_merged(merged_dir: Path, data_file, batch_size: int, base: str | None,
                           trust_remote_code: bool = False) -> list[dict]:
     """Without an adapter to disable, the base row loads the base the merged model records (4-bit, as trained)."""
+    found = base_for_merged(merged_dir, base, trust_remote_code)
+    if found is None:
+        return []
+    model, tokenizer, recipe = found
+    dataset = prepare(data_file, tokenizer, recipe, save=False).dataset
+    stats = span_nll(model, dataset, tokenizer.pad_token_id, batch_size, recipe.objective.loss_chunk_size, desc="base")
+    return [_row(BASE_LABEL, "base", recipe.model.name_or_path, None, stats)]
+
+
+def base_for_merged(merged_dir: Path, base: str | None, trust_remote_code: bool = False):
+    """(4-bit base model, tokenizer, recipe) that a merged dir records, checked against it; None if it records none."""
     from .adapters import check_base
     from .model import load_base
     from .recipe import load_recipe
 
     if not (merged_dir / "recipe.yaml").exists() or not (merged_dir / "tear_lora.json").exists():
         print(f"note: {merged_dir} records no recipe/base (recipe.yaml, tear_lora.json): no base row", file=sys.stderr)
-        return []
+        return None
     recipe = load_recipe(merged_dir / "recipe.yaml")
     recipe.model.trust_remote_code = trust_remote_code  # the caller's, never the merged dir's recipe.yaml
     if base is not None:
         recipe.model.name_or_path, recipe.model.revision = str(base), None
     tokenizer = MergedModel.load_tokenizer(merged_dir, trust_remote_code)
     check_base(merged_dir, recipe, tokenizer)
-    dataset = prepare(data_file, tokenizer, recipe, save=False).dataset
-    stats = span_nll(load_base(recipe, tokenizer), dataset, tokenizer.pad_token_id, batch_size,
-                     recipe.objective.loss_chunk_size, desc="base")
-    return [_row(BASE_LABEL, "base", recipe.model.name_or_path, None, stats)]
+    return load_base(recipe, tokenizer), tokenizer, recipe
 
 
 def _num(value) -> float:

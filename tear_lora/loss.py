@@ -5,6 +5,11 @@ parallelism the mean's denominator is the span's token count over the whole opti
 micro-batch, every rank), supplied by the trainer; each micro-batch then contributes its *sum* divided by
 that count, and the contributions add up to the true mean.
 
+Per-row response weights (`objective.response_weight`, e.g. 0 for harmful responses) make the response term a
+weighted mean: sum_rows w * sum_tokens nll / sum_rows w * n_response_tokens, its denominator again over the whole
+optimizer step. A weight-0 row's response tokens are no targets at all (no output-layer work, no gradient); witness
+tokens always have weight 1. Without weights every count and loss is exactly the unweighted one.
+
 Memory: a `[batch, seq, vocab]` fp32 logits tensor is 8 x 2048 x 151,936 x 4 bytes = 10 GB. We take the final
 hidden states, keep only positions that predict a response or witness token, and push them through the
 model's own (PEFT-wrapped) output layer in chunks, so at most one chunk of logits exists at a time and it is
@@ -33,23 +38,46 @@ class SpanTargets:
     positions: torch.Tensor  # [N] indices into the flattened [batch * (seq - 1)] prediction positions
     targets: torch.Tensor  # [N] token ids to predict
     roles: torch.Tensor  # [N] RESPONSE or WITNESS
+    weights: torch.Tensor | None = None  # [N] float: the row's weight for response targets, 1 for witness; None: all 1
 
     def counts(self) -> torch.Tensor:
-        return torch.stack([(self.roles == RESPONSE).sum(), (self.roles == WITNESS).sum()])
+        """[response, witness] target counts; with weights the response count is weighted (float64)."""
+        is_response = self.roles == RESPONSE
+        if self.weights is None:
+            return torch.stack([is_response.sum(), (self.roles == WITNESS).sum()])
+        return torch.stack([(self.weights.double() * is_response).sum(), (self.roles == WITNESS).sum().double()])
 
 
-def span_targets(input_ids: torch.Tensor, span_roles: torch.Tensor) -> SpanTargets:
-    """Position t predicts token t+1; it carries a loss when token t+1 is in a response or witness span."""
+def span_targets(input_ids: torch.Tensor, span_roles: torch.Tensor,
+                 row_weights: torch.Tensor | None = None) -> SpanTargets:
+    """Position t predicts token t+1; it carries a loss when token t+1 is in a response or witness span.
+
+    `row_weights` [B] (>= 0) weight each row's response targets; a row of weight 0 has no response targets.
+    """
     next_roles = span_roles[:, 1:]
-    mask = (next_roles == RESPONSE) | (next_roles == WITNESS)
+    is_response = next_roles == RESPONSE
+    if row_weights is None:
+        mask = is_response | (next_roles == WITNESS)
+    else:
+        row_weights = row_weights.to(span_roles.device)[:, None]
+        mask = (is_response & (row_weights > 0)) | (next_roles == WITNESS)
     positions = mask.reshape(-1).nonzero(as_tuple=True)[0]
-    return SpanTargets(positions, input_ids[:, 1:].reshape(-1)[positions], next_roles.reshape(-1)[positions])
+    targets = SpanTargets(positions, input_ids[:, 1:].reshape(-1)[positions], next_roles.reshape(-1)[positions])
+    if row_weights is not None:
+        weights = torch.where(is_response, row_weights.float(), torch.ones((), device=row_weights.device))
+        targets.weights = weights.reshape(-1)[positions]
+    return targets
 
 
-def count_span_tokens(span_roles: torch.Tensor) -> torch.Tensor:
-    """[response, witness] target counts of a batch (the first token of a row is never a target)."""
+def count_span_tokens(span_roles: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[response, witness] target counts of a batch (the first token of a row is never a target). With
+    `row_weights` [B] the response count is weighted, sum_rows w * n_response, and both are float64."""
     next_roles = span_roles[:, 1:]
-    return torch.stack([(next_roles == RESPONSE).sum(), (next_roles == WITNESS).sum()])
+    is_response, is_witness = next_roles == RESPONSE, next_roles == WITNESS
+    if row_weights is None:
+        return torch.stack([is_response.sum(), is_witness.sum()])
+    weights = row_weights.to(span_roles.device).double()
+    return torch.stack([(is_response.sum(dim=1) * weights).sum(), is_witness.sum().double()])
 
 
 def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer) -> torch.Tensor:
@@ -161,35 +189,44 @@ def token_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer, chunk_s
 @dataclass
 class SpanLoss:
     loss: torch.Tensor  # what to backpropagate: response_sum / n_resp + lambda * witness_sum / n_wit
-    response_nll_sum: torch.Tensor  # detached sums, for logging token-weighted means
+    response_nll_sum: torch.Tensor  # detached sums, for logging token-weighted means (response: row-weighted)
     witness_nll_sum: torch.Tensor
-    counts: torch.Tensor  # this micro-batch's [response, witness] target counts
+    counts: torch.Tensor  # this micro-batch's [response, witness] target counts (response: row-weighted)
 
 
 def span_loss(hidden: torch.Tensor, targets: SpanTargets, output_layer, lambda_: float,
               denominators: torch.Tensor | None = None, chunk_size: int = 1024) -> SpanLoss:
     """ResponseLoss + lambda * ConsequenceLoss over the selected positions of `hidden` [B, T, H].
 
-    `denominators` = [response, witness] token counts of the whole optimizer step; None means this batch's own
-    counts (evaluation, or no accumulation). A span with zero tokens contributes zero, never a division by zero.
+    `denominators` = [response, witness] token counts of the whole optimizer step (the response count weighted
+    like `targets`); None means this batch's own counts (evaluation, or no accumulation). A span with zero
+    (weighted) tokens contributes zero, never a division by zero. Weights multiply the per-token NLL outside
+    `token_nll`, so its backward gets each token's gradient scaled by its weight.
     """
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[targets.positions]
     nll = token_nll(selected, targets.targets, output_layer, chunk_size)
     is_response = targets.roles == RESPONSE
-    response_sum = (nll * is_response).sum()
+    response_mask = is_response if targets.weights is None else targets.weights.to(nll.dtype) * is_response
+    response_sum = (nll * response_mask).sum()
     witness_sum = (nll * ~is_response).sum()
     counts = targets.counts()
     denominators = counts if denominators is None else denominators.to(counts.device)
-    denominators = denominators.clamp(min=1).to(nll.dtype)
+    # not clamp(min=1): a weighted count may be a positive fraction; an empty span (0) divides by 1 instead
+    denominators = torch.where(denominators > 0, denominators, torch.ones_like(denominators)).to(nll.dtype)
     loss = response_sum / denominators[0] + lambda_ * witness_sum / denominators[1]
     return SpanLoss(loss, response_sum.detach(), witness_sum.detach(), counts)
 
 
 def naive_span_loss(logits: torch.Tensor, input_ids: torch.Tensor, span_roles: torch.Tensor,
-                    lambda_: float) -> torch.Tensor:
+                    lambda_: float, row_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: the same objective from full `[B, T, V]` logits (tests and benchmarks only)."""
     nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1),
                           reduction="none")
-    roles = span_roles[:, 1:].reshape(-1)
-    response, witness = roles == RESPONSE, roles == WITNESS
-    return (nll * response).sum() / response.sum().clamp(min=1) + lambda_ * (nll * witness).sum() / witness.sum().clamp(min=1)
+    roles = span_roles[:, 1:]
+    response, witness = (roles == RESPONSE).float(), (roles == WITNESS).reshape(-1)
+    if row_weights is not None:
+        response = response * row_weights.float()[:, None]
+    response = response.reshape(-1)
+    n_response = response.sum()
+    n_response = torch.where(n_response > 0, n_response, torch.ones_like(n_response))
+    return (nll * response).sum() / n_response + lambda_ * (nll * witness).sum() / witness.sum().clamp(min=1)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -91,6 +92,11 @@ class ObjectiveConfig:
     lambda_: float = field(default=1.0, metadata={"key": "lambda"})  # weight of the witness (consequence) loss
     lambda_warmup_steps: int = 0  # lambda ramps linearly from 0 over this many optimizer steps
     loss_chunk_size: int = 1024  # target tokens per logits chunk: peak = chunk * vocab * 4 bytes
+    # Per-row weight of the response loss, keyed by the row's meta.valence, e.g. {harmful: 0.0, mixed: 0.5}: the
+    # response term becomes sum_rows w * NLL / sum_rows w * tokens over the optimizer step, so a 0 row is still
+    # learned from through its witness but its response is not imitated. Rows whose valence is not listed (or that
+    # have none) weigh 1. Empty: every row 1, exactly the unweighted loss. Evaluation NLL is never weighted.
+    response_weight: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +150,8 @@ class Recipe:
         """Content hash of what the recipe trains (not of the file's formatting): every section but `output`,
         which only says where the result goes and whether to replace it. Secrets are masked first."""
         trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k != "output"}
+        if not trained["objective"].get("response_weight"):  # the default (no weights) keeps older runs' hashes
+            trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:
@@ -337,6 +345,15 @@ def _validate_values(recipe: Recipe, where: _Where) -> None:
     for key_path, ok, message in checks:
         if not ok:
             raise RecipeError(f"{where(key_path)}: '{key_path}' {message}")
+    for valence, weight in recipe.objective.response_weight.items():  # keys: any meta.valence string
+        key_path = f"objective.response_weight.{valence}"
+        if not isinstance(valence, str):
+            raise RecipeError(f"{where(key_path)}: '{key_path}': keys are meta.valence strings, got "
+                              f"{type(valence).__name__} {valence!r} (quote it)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise RecipeError(f"{where(key_path)}: '{key_path}' must be a number >= 0, got {weight!r}")
+    # ints widen to floats, as `_check_type` does for float fields: `0` and `0.0` are one recipe (one hash)
+    recipe.objective.response_weight = {k: float(v) for k, v in recipe.objective.response_weight.items()}
     columns: dict[str, str] = {}  # data.fields: known roles, non-empty names, no column serving two roles
     for role, column in recipe.data.fields.items():
         key_path = f"data.fields.{role}"

@@ -218,11 +218,14 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
     breakdown = trainable_breakdown(model)
     print(format_breakdown(breakdown), flush=True)
 
+    weights = recipe.objective.response_weight
+    if weights:
+        print(describe_response_weights(train_data.dataset, weights), flush=True)
     stop = StopOnSignal()
     trainer = TearTrainer(
         model=model, args=args, train_dataset=train_data.dataset,
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=tokenizer,
-        data_collator=SpanCollator(tokenizer.pad_token_id), lambda_=recipe.objective.lambda_,
+        data_collator=SpanCollator(tokenizer.pad_token_id, response_weight=weights), lambda_=recipe.objective.lambda_,
         lambda_warmup_steps=recipe.objective.lambda_warmup_steps, loss_chunk_size=recipe.objective.loss_chunk_size,
         callbacks=[stop])
     stop.install()
@@ -252,6 +255,22 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
     atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
     write_run_metadata(work, recipe, tokenizer, train_data.manifest, eval_data.manifest if eval_data else None,
                        metrics, breakdown, log_history=trainer.state.log_history)
+
+
+def describe_response_weights(dataset, weights: dict[str, float]) -> str:
+    """How many training rows each `objective.response_weight` key matched: a misspelled valence matches none
+    and would otherwise train unweighted without a word."""
+    from collections import Counter
+
+    found = Counter(json.loads(m).get("valence") if m else None for m in dataset["meta"])
+    parts = [f"{key} x{weight:g} on {found.get(key, 0)} rows" for key, weight in weights.items()]
+    line = f"response weights: {', '.join(parts)}; weight 1 on {len(dataset) - sum(found.get(k, 0) for k in weights)}"
+    unmatched = [key for key in weights if not found.get(key)]
+    if unmatched:
+        seen = ", ".join(sorted(str(v) for v in found if v is not None)) or "none"
+        line += f"\nwarning: objective.response_weight key(s) {', '.join(unmatched)} match no training row " \
+                f"(meta.valence values in the data: {seen})"
+    return line
 
 
 def _newest(work: Path) -> str:

@@ -7,6 +7,9 @@ Hooks overridden, each for one reason:
 - `_get_num_items_in_batch`: HF counts label tokens of the whole accumulation window (all micro-batches,
   all ranks) so a mean stays exact; we count the two spans separately, for the same reason.
 - `log`: adds token-weighted response_loss / witness_loss / lambda / token counts to every log line.
+  With `objective.response_weight` the training response_loss is the row-weighted mean that is optimised and
+  `response_weighted_tokens` (its denominator) is logged beside the plain `response_tokens`; evaluation stays
+  the plain per-token NLL of every row, comparable across runs with and without weights.
 - `_load_from_checkpoint` / `_run_epoch`: --resume restores the token rows too and never trains past max_steps.
 - `_save`: the adapter with its token rows, never whole embedding matrices, never non-finite values.
 - `_save_checkpoint`: a completion marker after all of a checkpoint's files, so --resume can trust it.
@@ -16,9 +19,11 @@ Hooks overridden, each for one reason:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+from collections.abc import Mapping
 
 import torch
 from transformers import TrainerCallback
@@ -33,12 +38,30 @@ class NonFiniteError(RuntimeError):
     """A loss, gradient or weight became NaN/Inf; training stops before it reaches a saved adapter."""
 
 
-class SpanCollator:
-    """Right-pads `input_ids` (pad id), `attention_mask` (0) and `span_roles` (PAD_ROLE, never a target)."""
+def row_response_weight(meta, response_weight: Mapping[str, float]) -> float:
+    """A row's response-loss weight: `response_weight[meta.valence]`, 1.0 when the row has no meta, no string
+    valence, or one the mapping does not name. `meta` is the processed set's JSON text (or None, or a dict)."""
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    valence = meta.get("valence") if isinstance(meta, dict) else None
+    return float(response_weight.get(valence, 1.0)) if isinstance(valence, str) else 1.0
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+
+class SpanCollator:
+    """Right-pads `input_ids` (pad id), `attention_mask` (0) and `span_roles` (PAD_ROLE, never a target).
+
+    With a non-empty `response_weight` ({valence: weight}) it also emits `response_weights`, a float [B] of each
+    row's response-loss weight (`row_response_weight` of its `meta`); with none, nothing more than before.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None,
+                 response_weight: Mapping[str, float] | None = None):
         self.pad_token_id = pad_token_id
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.response_weight = dict(response_weight or {})
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
@@ -50,7 +73,11 @@ class SpanCollator:
             batch["input_ids"].append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             batch["attention_mask"].append([1] * len(f["input_ids"]) + [0] * pad)
             batch["span_roles"].append(list(f["span_roles"]) + [PAD_ROLE] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if self.response_weight:
+            out["response_weights"] = torch.tensor(
+                [row_response_weight(f.get("meta"), self.response_weight) for f in features], dtype=torch.float32)
+        return out
 
 
 def unwrap_causal_lm(model):
@@ -89,8 +116,10 @@ class TearTrainer(SFTTrainer):
         self.lambda_ = lambda_
         self.lambda_warmup_steps = lambda_warmup_steps
         self.loss_chunk_size = loss_chunk_size
-        # per mode: [response NLL sum, witness NLL sum, response tokens, witness tokens] since the last log
-        self._span_totals = {mode: torch.zeros(4, dtype=torch.float64) for mode in ("train", "eval")}
+        # per mode, since the last log: [response NLL sum, witness NLL sum, response tokens, witness tokens,
+        # plain response tokens]; with response weights the first and third are row-weighted, the fifth is not
+        self._span_totals = {mode: torch.zeros(5, dtype=torch.float64) for mode in ("train", "eval")}
+        self._weighted = {mode: False for mode in ("train", "eval")}  # did this log window use response weights?
 
     def current_lambda(self, training: bool = True) -> float:
         """lambda, ramped linearly from 0 over the warm-up steps during training; evaluation uses the target."""
@@ -99,24 +128,36 @@ class TearTrainer(SFTTrainer):
         return self.lambda_ * min(1.0, self.state.global_step / self.lambda_warmup_steps)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """[response, witness] target counts of the whole window; the response count row-weighted (float64)
+        when the batches carry `response_weights`, so the weighted mean stays exact under accumulation and DDP."""
         if not batch_samples:
             return None
-        counts = sum(count_span_tokens(batch["span_roles"]) for batch in batch_samples).to(device)
+        counts = sum(count_span_tokens(batch["span_roles"], batch.get("response_weights"))
+                     for batch in batch_samples).to(device)
         if self.args.world_size > 1:
             counts = self.accelerator.gather(counts).view(-1, 2).sum(dim=0)
         return counts
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        # Response weights shape what is trained; evaluation measures the plain NLL of every row. TRL's eval step
+        # passes no window counts, so an eval batch is its own mean; ignoring any that come keeps them unweighted.
+        weights = inputs.get("response_weights") if model.training else None
+        if not model.training:
+            num_items_in_batch = None
         hidden = final_hidden_states(model, inputs["input_ids"], inputs["attention_mask"])
-        targets = span_targets(inputs["input_ids"], inputs["span_roles"])
+        targets = span_targets(inputs["input_ids"], inputs["span_roles"], weights)
         result = span_loss(hidden, targets, unwrap_causal_lm(model).get_output_embeddings(),
                            self.current_lambda(model.training), denominators=num_items_in_batch,
                            chunk_size=self.loss_chunk_size)
         loss = result.loss
         if num_items_in_batch is not None and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP averages gradients over ranks; the counts were global
-        totals = torch.stack([result.response_nll_sum, result.witness_nll_sum, *result.counts]).double().cpu()
-        self._span_totals["train" if model.training else "eval"] += totals
+        plain = result.counts[0] if weights is None else count_span_tokens(inputs["span_roles"])[0]
+        totals = torch.stack([result.response_nll_sum.double(), result.witness_nll_sum.double(),
+                              *result.counts.double(), plain.double()]).cpu()
+        self._span_totals[mode] += totals
+        self._weighted[mode] |= weights is not None
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -124,14 +165,21 @@ class TearTrainer(SFTTrainer):
         totals = self._span_totals[mode]
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
-        if totals[2] + totals[3] > 0:
+        if totals[4] + totals[3] > 0:
             prefix = "eval_" if mode == "eval" else ""
-            logs[f"{prefix}response_loss"] = round(float(totals[0] / totals[2].clamp(min=1)), 6)
+            # response_loss is the mean that is optimised: row-weighted when weights are on (sum w*nll / sum w*n)
+            response_count = totals[2] if totals[2] > 0 else 1.0
+            logs[f"{prefix}response_loss"] = round(float(totals[0] / response_count), 6)
             logs[f"{prefix}witness_loss"] = round(float(totals[1] / totals[3].clamp(min=1)), 6)
-            logs[f"{prefix}response_tokens"] = int(totals[2])
+            # response_tokens stays a count of tokens (comparable across runs and with the data manifest); the
+            # weighted count, response_loss's denominator, gets its own key so the logged mean can be checked
+            logs[f"{prefix}response_tokens"] = int(totals[4])
+            if self._weighted[mode]:
+                logs[f"{prefix}response_weighted_tokens"] = round(float(totals[2]), 4)
             logs[f"{prefix}witness_tokens"] = int(totals[3])
             logs[f"{prefix}lambda"] = self.current_lambda(mode == "train")
         self._span_totals[mode].zero_()
+        self._weighted[mode] = False
         super().log(logs, start_time)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

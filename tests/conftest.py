@@ -75,6 +75,7 @@ def make_trainer(model, recipe, tokenizer, train_dataset, output_dir, eval_datas
 
     return TearTrainer(model=model, args=sft_config(recipe, output_dir=output_dir), train_dataset=train_dataset,
                        eval_dataset=eval_dataset, processing_class=tokenizer,
-                       data_collator=SpanCollator(tokenizer.pad_token_id), lambda_=recipe.lambda_,
+                       data_collator=SpanCollator(tokenizer.pad_token_id, response_weight=recipe.objective.response_weight),
+                       lambda_=recipe.lambda_,
                        lambda_warmup_steps=recipe.objective.lambda_warmup_steps,
                        loss_chunk_size=recipe.objective.loss_chunk_size)

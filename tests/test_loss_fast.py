@@ -117,3 +117,61 @@ def test_tiny_peft_model_lora_and_row_gradients_match_naive(recipe, tokenizer):
     assert torch.allclose(fast, naive, atol=1e-5, rtol=1e-5)
     for a, b in zip(fast_grads, naive_grads):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fast_path_with_row_weights_equals_naive():
+    """Per-row response weights multiply the NLL outside `_ProjectedNLL`: its backward gets grad scaled per token."""
+    head = wrapped_head()
+    rows = head.token_adapter.trainable_tokens_delta["default"]
+    input_ids, roles, hidden = batch()
+    weights = torch.tensor([0.0, 0.5, 1.0])
+    results = []
+    for how in ("fast", "naive"):
+        h = hidden.clone().requires_grad_(True)
+        if how == "fast":
+            loss = span_loss(h, span_targets(input_ids, roles, weights), head, 0.8, chunk_size=7).loss
+        else:
+            loss = naive_span_loss(head(h), input_ids, roles, 0.8, row_weights=weights)
+        results.append((loss.detach(), *torch.autograd.grad(loss, [h, rows])))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_peft_model_weight_zero_row_equals_response_as_context(recipe, tokenizer):
+    """Weight 0 on a row leaves the LoRA and token-row gradients of the batch whose row has its response
+    relabelled as context (role 0), with its witness still trained."""
+    from tear_lora.model import add_adapters, load_base
+    from tear_lora.tokens import structural_token_ids
+    from tear_lora.trainer import final_hidden_states, unwrap_causal_lm
+
+    torch.manual_seed(0)
+    tag_ids = list(structural_token_ids(tokenizer).values())
+    model = add_adapters(load_base(recipe, tokenizer), recipe, tag_ids)
+    with torch.no_grad():  # non-zero LoRA B, so LoRA A has gradients too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 151_600, (2, 40), generator=g)
+    input_ids[:, 20:26] = torch.tensor(tag_ids)
+    roles = torch.full((2, 40), CONTEXT)
+    roles[:, 10:25], roles[:, 26:38] = RESPONSE, WITNESS
+    relabelled = roles.clone()
+    relabelled[0, 10:25] = CONTEXT
+    mask = torch.ones_like(input_ids)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    head = unwrap_causal_lm(model).get_output_embeddings()
+    assert projection_parts(head) is not None
+
+    def gradients(span_roles, weights):
+        hidden = final_hidden_states(model, input_ids, mask)
+        loss = span_loss(hidden, span_targets(input_ids, span_roles, weights), head, 0.8, chunk_size=16).loss
+        return torch.autograd.grad(loss, params)
+
+    weighted = gradients(roles, torch.tensor([0.0, 1.0]))
+    reference = gradients(relabelled, None)
+    unweighted = gradients(roles, None)
+    assert any("trainable_tokens_delta" in n for n in names) and any("lora_A" in n for n in names)
+    for name, a, b in zip(names, weighted, reference):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    assert max((a - b).abs().max() for a, b in zip(weighted, unweighted)) > 1e-4  # row 0's response did matter

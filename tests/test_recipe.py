@@ -1,3 +1,6 @@
+import hashlib
+import json
+
 import pytest
 
 from tear_lora.recipe import Recipe, RecipeError, load_recipe
@@ -79,3 +82,35 @@ def test_cli_validate_and_show(capsys):
     assert "lambda: 0.25" in capsys.readouterr().out
     assert main(["recipe", "validate", str(REPO / "recipes/tiny-cpu.yaml"), "--set", "lora.rr=1"]) == 2
     assert "did you mean 'r'" in capsys.readouterr().err
+
+
+def test_response_weight_values_are_checked_with_file_and_line(tmp_path):
+    ok = load_recipe(write(tmp_path, "objective:\n  response_weight:\n    harmful: 0\n    mixed: 0.5\n    Odd key!: 2\n"))
+    assert ok.objective.response_weight == {"harmful": 0.0, "mixed": 0.5, "Odd key!": 2.0}
+    assert all(type(v) is float for v in ok.objective.response_weight.values())
+    for value in ("-0.5", "lots", "true", ".nan", ".inf", "null", "[1]"):
+        path = write(tmp_path, f"objective:\n  response_weight:\n    mixed: 0.5\n    harmful: {value}\n")
+        with pytest.raises(RecipeError, match=r"r\.yaml:4: 'objective\.response_weight\.harmful' must be a number >= 0"):
+            load_recipe(path)
+    with pytest.raises(RecipeError, match=r"r\.yaml:3: 'objective\.response_weight\.1': keys are meta\.valence strings"):
+        load_recipe(write(tmp_path, "objective:\n  response_weight:\n    1: 0.5\n"))
+    with pytest.raises(RecipeError, match=r":2: 'objective\.response_weight' must be a mapping"):
+        load_recipe(write(tmp_path, "objective:\n  response_weight: 0.5\n"))
+
+
+def test_response_weight_overrides_and_hash(tmp_path):
+    path = write(tmp_path, "objective:\n  lambda: 1.0\n")
+    default = load_recipe(path)
+    assert default.objective.response_weight == {}
+    # the default leaves the hash as it was before the field existed: finished runs and sweeps still match
+    trained = {k: v for k, v in default.to_dict().items() if k != "output"}
+    trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
+    assert default.hash() == hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
+    weighted = load_recipe(path, ["objective.response_weight.harmful=0", "objective.response_weight.mixed=0.5"])
+    assert weighted.objective.response_weight == {"harmful": 0.0, "mixed": 0.5}
+    assert weighted.hash() != default.hash()
+    assert load_recipe(path, ["objective.response_weight={harmful: 0.0, mixed: 0.5}"]).hash() == weighted.hash()
+    again = load_recipe(write(tmp_path, weighted.to_yaml()))
+    assert again.to_dict() == weighted.to_dict() and again.hash() == weighted.hash()
+    with pytest.raises(RecipeError, match="'objective.response_weight.harmful' must be a number >= 0, got -1"):
+        load_recipe(path, ["objective.response_weight.harmful=-1"])

@@ -132,3 +132,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir
     assert "adapter saved" in finish(tear_lora("train", recipe, "--resume"))
     assert json.loads((tmp_path / "adapters/killed/tear_lora.json").read_text())["metrics"]["global_step"] == 4
     assert_matches_straight()
+
+
+def test_response_weight_summary_names_keys_that_match_no_row():
+    from datasets import Dataset
+
+    from tear_lora.train import describe_response_weights
+
+    meta = [json.dumps({"valence": v}) for v in ("helpful", "harmful", "harmful", "mixed")] + [None]
+    rows = Dataset.from_dict({"meta": meta})
+    assert describe_response_weights(rows, {"harmful": 0.0, "mixed": 0.5}) == (
+        "response weights: harmful x0 on 2 rows, mixed x0.5 on 1 rows; weight 1 on 2")
+    text = describe_response_weights(rows, {"harmfull": 0.0})
+    assert "warning: objective.response_weight key(s) harmfull match no training row" in text
+    assert "harmful, helpful, mixed" in text

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -15,33 +17,68 @@ def trainable_state(model):
 
 
 @pytest.fixture(scope="module")
-def eight_rows(tmp_path_factory, tiny_model_dir):
+def eval_rows(tmp_path_factory, tiny_model_dir):
     from tear_lora.tokens import load_tokenizer
 
     tmp = tmp_path_factory.mktemp("rows")
     recipe = make_recipe(tiny_model_dir, tmp)
-    return prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(tiny_model_dir)), recipe, save=False).dataset.select(range(8))
+    return prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(tiny_model_dir)), recipe, save=False).dataset
 
 
-@pytest.mark.parametrize("lam,four_bit", [(1.0, False), (0.3, False), (1.0, True)])
-def test_gradient_accumulation_is_exact(tmp_path, tiny_model_dir, tokenizer, eight_rows, lam, four_bit):
-    """One SGD step with lr=1 moves each weight by exactly its gradient: compare 8x1, 2x4, 4x2 windows."""
+@pytest.fixture(scope="module")
+def eight_rows(eval_rows):
+    return eval_rows.select(range(8))  # all helpful
+
+
+@pytest.fixture(scope="module")
+def mixed_rows(eval_rows):
+    """8 rows: 3 harmful, 2 mixed, 3 helpful (response weights 0, 0.5, 1 under WEIGHTS)."""
+    valences = [json.loads(meta)["valence"] for meta in eval_rows["meta"]]
+    pick = {"harmful": 3, "mixed": 2, "helpful": 3}
+    chosen = [i for v, n in pick.items() for i in [j for j, w in enumerate(valences) if w == v][:n]]
+    return eval_rows.select(chosen)
+
+
+WEIGHTS = {"harmful": 0.0, "mixed": 0.5}
+
+
+@pytest.mark.parametrize("lam,four_bit,weights", [(1.0, False, None), (0.3, False, None), (1.0, True, None),
+                                                  (0.7, True, WEIGHTS)])
+def test_gradient_accumulation_is_exact(tmp_path, tiny_model_dir, tokenizer, eight_rows, mixed_rows, lam, four_bit,
+                                        weights):
+    """One SGD step with lr=1 moves each weight by exactly its gradient: compare 8x1, 2x4, 4x2 windows.
+    With response weights (0, 0.5, 1 by valence) the weighted mean's denominator is the whole window's too."""
     results = {}
+    rows = mixed_rows if weights else eight_rows
     for micro, accum in ((8, 1), (2, 4), (4, 2)):
-        recipe = make_recipe(tiny_model_dir, tmp_path, objective={"lambda": lam}, model={"load_in_4bit": four_bit},
+        recipe = make_recipe(tiny_model_dir, tmp_path, objective={"lambda": lam, "response_weight": weights or {}},
+                             model={"load_in_4bit": four_bit},
                              training={**SGD, "per_device_train_batch_size": micro, "gradient_accumulation_steps": accum})
         model = trainable_model(recipe, tokenizer)
         before = trainable_state(model)
-        trainer = make_trainer(model, recipe, tokenizer, eight_rows, tmp_path / f"out{micro}")
+        trainer = make_trainer(model, recipe, tokenizer, rows, tmp_path / f"out{micro}")
         trainer.train()
         after = trainable_state(model)
         assert all(p.dtype == torch.float32 for p in after.values())  # adapters stay fp32 (TRL would make them bf16)
         results[(micro, accum)] = (trainer.state.log_history[0], {n: after[n] - before[n] for n in before})
     log_ref, step_ref = results[(8, 1)]
     assert any(s.abs().max() > 0 for s in step_ref.values())
+    # what was optimised is what is logged: the (weighted) response mean plus lambda times the witness mean
+    assert log_ref["loss"] == pytest.approx(log_ref["response_loss"] + lam * log_ref["witness_loss"], rel=1e-4)
+    names = ["loss", "response_loss", "witness_loss", "response_tokens", "witness_tokens"]
+    if weights:  # 3 harmful rows at 0, 2 mixed at 0.5, 3 helpful at 1: sum_rows w * response tokens
+        from tear_lora.template import RESPONSE
+        from tear_lora.trainer import row_response_weight
+
+        expected = sum(row_response_weight(r["meta"], weights) * r["span_roles"][1:].count(RESPONSE) for r in rows)
+        assert log_ref["response_weighted_tokens"] == pytest.approx(expected)
+        assert 0 < expected < log_ref["response_tokens"]
+        names.append("response_weighted_tokens")
+    else:
+        assert "response_weighted_tokens" not in log_ref  # no weights: the log lines are as before
     tolerance = 1e-5
     for key, (log, step) in results.items():
-        for name in ("loss", "response_loss", "witness_loss", "response_tokens", "witness_tokens"):
+        for name in names:
             assert log[name] == pytest.approx(log_ref[name], rel=1e-4), (key, name)
         for name, delta in step.items():
             error = (delta - step_ref[name]).norm() / step_ref[name].norm().clamp(min=1e-12)
@@ -140,3 +177,60 @@ def test_bnb_cpu_guard_keeps_gradients_right_after_eval_forward(tmp_path, tiny_m
         with torch.no_grad():
             unguarded(input_ids=batch["input_ids"][:1])
         assert relative_error(lora_grads(unguarded), expected) > 0.1
+
+
+# ---- per-row response weights --------------------------------------------------------------------------------
+
+
+def test_row_response_weight_reads_meta_valence():
+    from tear_lora.trainer import row_response_weight
+
+    mapping = {"harmful": 0.0, "mixed": 0.5}
+    assert row_response_weight('{"valence": "harmful", "domain": "x"}', mapping) == 0.0
+    assert row_response_weight('{"valence": "mixed"}', mapping) == 0.5
+    assert row_response_weight({"valence": "mixed"}, mapping) == 0.5
+    for meta in ('{"valence": "helpful"}', '{"domain": "x"}', None, "null", "[1]", '{"valence": ["harmful"]}',
+                 '{"valence": 3}', "not json"):
+        assert row_response_weight(meta, mapping) == 1.0, meta
+
+
+def test_collator_emits_weights_only_with_a_mapping(tokenizer, mixed_rows):
+    from tear_lora.trainer import SpanCollator
+
+    features = [mixed_rows[i] for i in range(8)]
+    plain = SpanCollator(tokenizer.pad_token_id)(features)
+    empty = SpanCollator(tokenizer.pad_token_id, response_weight={})(features)
+    weighted = SpanCollator(tokenizer.pad_token_id, response_weight=WEIGHTS)(features)
+    assert set(plain) == set(empty) == {"input_ids", "attention_mask", "span_roles"}
+    assert all(torch.equal(plain[k], empty[k]) and torch.equal(plain[k], weighted[k]) for k in plain)
+    assert weighted["response_weights"].dtype == torch.float32
+    assert weighted["response_weights"].tolist() == [0.0, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0]
+
+
+def test_all_zero_weight_window_trains_witness_only_and_eval_stays_unweighted(tmp_path, tiny_model_dir, tokenizer,
+                                                                             eight_rows, mixed_rows):
+    """Every row at weight 0: the response term is 0 (no NaN), the step is the witness term's alone; the
+    evaluation loss of the same trainer is the plain NLL, weights or not."""
+    from tear_lora.trainer import SpanCollator
+
+    recipe = make_recipe(tiny_model_dir, tmp_path, objective={"lambda": 0.5, "response_weight": {"helpful": 0}},
+                         training={**SGD, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+                                   "gradient_accumulation_steps": 2, "per_device_eval_batch_size": 4})
+    model = trainable_model(recipe, tokenizer)
+    before = trainable_state(model)
+    trainer = make_trainer(model, recipe, tokenizer, eight_rows, tmp_path / "out", eval_dataset=mixed_rows)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert log["response_loss"] == 0 and log["response_weighted_tokens"] == 0 and log["response_tokens"] > 0
+    assert log["loss"] == pytest.approx(0.5 * log["witness_loss"], rel=1e-5)
+    after = trainable_state(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any((after[n] - before[n]).abs().max() > 0 for n in before)  # the witness still trained
+
+    weighted_eval = trainer.evaluate()
+    trainer.data_collator = SpanCollator(tokenizer.pad_token_id)
+    plain_eval = trainer.evaluate()
+    assert "eval_response_weighted_tokens" not in weighted_eval
+    for name in ("eval_loss", "eval_response_loss", "eval_witness_loss", "eval_response_tokens"):
+        assert weighted_eval[name] == plain_eval[name], name
+    assert weighted_eval["eval_response_loss"] > 0

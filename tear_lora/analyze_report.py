@@ -1,0 +1,103 @@
+"""Tables and the plot for `tear-lora analyze` results (the dict `analyze.analyze` returns, or its JSON).
+
+Kept apart from analyze.py so the instruments read on their own; nothing here computes a measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _arm(source: dict) -> str:
+    weights = source.get("response_weight") or {}
+    return "witness-only" if weights else "plain"
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _interval(low_high) -> str:
+    return "" if not low_high else f" [{low_high[0]:.3f}, {low_high[1]:.3f}]"
+
+
+def format_analysis(report: dict) -> str:
+    """One table per data file: matching, sensitivity, probe for every source."""
+    parts = []
+    for data_file in report["settings"]["data"]:
+        header = (f"{'name':30s} {'λ':>5s} {'arm':>12s} {'seed':>5s} | {'match acc [95% CI]':>24s} {'margin':>7s} | "
+                  f"{'sensitivity [95% CI]':>26s} | {'probe AUROC (layer)':>19s} {'floor':>6s}")
+        lines = [f"== {data_file}", header, "-" * len(header)]
+        for source in report["sources"]:
+            result = source["data"][data_file]
+            m, s, p = result["matching"], result["sensitivity"], result["probe"]
+            matching = (f"{m['accuracy']:.3f}{_interval(m['accuracy_ci'])}".rjust(24) + f" {m['margin_nats']:7.3f}"
+                        if "accuracy" in m else f"{'-':>24s} {'-':>7s}")
+            sensitivity = (f"{s['nats_per_token']:.3f}{_interval(s['ci'])}".rjust(26) if "nats_per_token" in s
+                           else f"{'-':>26s}")
+            probe = (f"{p['best_auroc']:.3f} ({p['best_layer']})".rjust(19) + f" {p['shuffled_auroc_max']:6.3f}"
+                     if "best_auroc" in p else f"{'-':>19s} {'-':>6s}")
+            lam = "-" if source["lambda"] is None else f"{source['lambda']:g}"
+            arm = "-" if source["kind"] == "base" else _arm(source)
+            lines.append(f"{source['name'][:30]:30s} {lam:>5s} {arm:>12s} {_fmt(source.get('seed'), '')!s:>5s} | "
+                         f"{matching} | {sensitivity} | {probe}")
+        first = report["sources"][0]["data"][data_file] if report["sources"] else {}
+        notes = [f"{k}: {v['skipped']}" for k, v in first.items() if "skipped" in v]
+        counts = []
+        if "pairs" in first.get("matching", {}):
+            counts.append(f"{first['matching']['pairs']} pairs (chance 0.25)")
+        if "rows" in first.get("sensitivity", {}):
+            counts.append(f"sensitivity on {first['sensitivity']['rows']} rows, nats per witness token")
+        if "rows" in first.get("probe", {}):
+            counts.append(f"probe on {first['probe']['rows']} rows, {first['probe']['folds']}-fold; floor = max "
+                          "AUROC over layers with shuffled labels")
+        lines.append("(" + "; ".join(counts + notes) + ")")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def plot_analysis(report: dict, out: str | Path) -> Path:
+    """A row per data file, a column per instrument, each against λ; seeds as points, the base dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .rundir import atomic_write_bytes
+
+    instruments = [("matching", "accuracy", "witness matching accuracy", 0.25),
+                   ("sensitivity", "nats_per_token", "response sensitivity (nats/token)", 0.0),
+                   ("probe", "best_auroc", "impact probe: best-layer AUROC", 0.5)]
+    files = report["settings"]["data"]
+    fig, axes = plt.subplots(len(files), 3, figsize=(14, 3.8 * len(files)), squeeze=False)
+    for r, data_file in enumerate(files):
+        for c, (instrument, key, title, chance) in enumerate(instruments):
+            ax = axes[r][c]
+            for arm, marker, color in (("plain", "o", "tab:blue"), ("witness-only", "^", "tab:red")):
+                points = sorted((s["lambda"], s["data"][data_file][instrument][key]) for s in report["sources"]
+                                if s["kind"] != "base" and _arm(s) == arm and s["lambda"] is not None
+                                and key in s["data"][data_file][instrument])
+                if points:
+                    ax.scatter(*zip(*points), marker=marker, color=color, label=arm, alpha=0.8)
+                    lambdas = sorted({lam for lam, _ in points})
+                    means = [sum(v for lam2, v in points if lam2 == lam) / sum(1 for lam2, _ in points if lam2 == lam)
+                             for lam in lambdas]
+                    ax.plot(lambdas, means, color=color, linewidth=1)
+            for s in report["sources"]:
+                value = s["data"][data_file][instrument].get(key)
+                if s["kind"] == "base" and value is not None:
+                    ax.axhline(value, color="gray", linestyle="--", linewidth=1, label="base")
+            ax.axhline(chance, color="black", linestyle=":", linewidth=0.8, label="chance / none")
+            ax.set_title(f"{title}\n{Path(data_file).name}", fontsize=9)
+            ax.set_xlabel("λ")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(out, buffer.getvalue())
