@@ -63,7 +63,7 @@ def plot_analysis(report: dict, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .rundir import atomic_write_bytes
+    from .rundir import atomic_save_figure
 
     instruments = [("matching", "accuracy", "witness matching accuracy", 0.25),
                    ("sensitivity", "nats_per_token", "response sensitivity (nats/token)", 0.0),
@@ -93,11 +93,6 @@ def plot_analysis(report: dict, out: str | Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    out = atomic_save_figure(fig, out, dpi=110)
     plt.close(fig)
-    return atomic_write_bytes(out, buffer.getvalue())
+    return out

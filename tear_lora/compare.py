@@ -8,7 +8,6 @@ bit-identical base weights. The time this saves is measured (one real reload of 
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
@@ -20,7 +19,7 @@ from .evaluate import format_table, source_rows
 from .generate import Sampling, format_generated, generate_triple
 from .metadata import METADATA_FILE, read_metadata
 from .recipe import RecipeError
-from .rundir import RunDirError, atomic_write_bytes
+from .rundir import RunDirError, atomic_save_figure
 
 
 def read_prompts(path: str | Path) -> list[dict]:
@@ -89,11 +88,8 @@ def plot_nll(rows: list[dict], out: str | Path) -> Path:
     ax.set_title("Response vs witness NLL across λ")
     ax.grid(alpha=0.3)
     ax.legend()
-    out, png = Path(out), io.BytesIO()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    out = atomic_save_figure(fig, out, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(out, png.getvalue())
     return out
 
 

@@ -6,12 +6,11 @@ and the `verify.json` that `tear-lora merge --verify` leaves in the merged dir. 
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 from .metadata import AdapterError, read_metadata
-from .rundir import atomic_write_bytes
+from .rundir import atomic_save_figure
 
 CURVES = ("response_loss", "witness_loss")
 
@@ -45,11 +44,10 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> 
              title=f"{meta['run_name']}: loss = response + {meta['lambda']:g} x witness")
     axis.grid(alpha=0.3)
     axis.legend()
-    out, png = Path(out) if out else run_dir / "training_curves.png", io.BytesIO()
     figure.tight_layout()
-    figure.savefig(png, format="png", dpi=120)
+    out = atomic_save_figure(figure, Path(out) if out else run_dir / "training_curves.png", dpi=120)
     plt.close(figure)
-    return atomic_write_bytes(out, png.getvalue())
+    return out
 
 
 def summary_table(run_dir: str | Path, eval_rows: list[dict] | None = None, verify: dict | None = None) -> str:

@@ -117,6 +117,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def atomic_save_figure(figure, path: str | Path, **savefig_kwargs) -> Path:
+    """A matplotlib figure as a PNG, rendered in memory and written atomically (its directory is created)."""
+    import io
+
+    png = io.BytesIO()
+    figure.savefig(png, format="png", **savefig_kwargs)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, png.getvalue())
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
