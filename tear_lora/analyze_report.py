@@ -96,3 +96,39 @@ def plot_analysis(report: dict, out: str | Path) -> Path:
     out = atomic_save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
+
+
+def study_tables(report: dict) -> str:
+    """Markdown tables for a λ × seed study: one per instrument and data file, a row per (arm, λ) with each seed's
+    value, the mean and the half-range across seeds (the spread a difference must exceed to mean anything)."""
+    instruments = [("matching", "accuracy", "witness matching accuracy (chance 0.25)"),
+                   ("matching", "margin_nats", "witness matching margin, nats/token (none 0)"),
+                   ("sensitivity", "nats_per_token", "response sensitivity, nats/witness token (none 0)"),
+                   ("probe", "best_auroc", "impact probe, best-layer AUROC (none 0.5)")]
+    parts = []
+    for data_file in report["settings"]["data"]:
+        for instrument, key, title in instruments:
+            groups: dict[tuple, dict] = {}
+            for s in report["sources"]:
+                value = s["data"][data_file][instrument].get(key)
+                if value is None:
+                    continue
+                arm = "base" if s["kind"] == "base" else _arm(s)
+                groups.setdefault((arm, s["lambda"]), {})[s.get("seed")] = value
+            if not groups:
+                continue
+            seeds = sorted({seed for g in groups.values() for seed in g if seed is not None}, key=str)
+            lines = [f"**{title}** — `{Path(data_file).name}`", "",
+                     "| arm | λ | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | ± half-range |",
+                     "|---|---|" + "---|" * (len(seeds) + 2)]
+            order = sorted(groups, key=lambda k: (k[0] == "base", k[0] != "plain", k[1] if k[1] is not None else -1))
+            for arm, lam in order:
+                values = groups[(arm, lam)]
+                cells = [_fmt(values.get(seed)) for seed in seeds] if arm != "base" else ["-"] * len(seeds)
+                numbers = list(values.values())
+                mean = sum(numbers) / len(numbers)
+                spread = (max(numbers) - min(numbers)) / 2 if len(numbers) > 1 else None
+                lines.append(f"| {arm} | {'-' if lam is None else f'{lam:g}'} | " + " | ".join(cells)
+                             + f" | {mean:.3f} | {_fmt(spread)} |")
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts)

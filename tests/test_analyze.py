@@ -158,3 +158,22 @@ def test_adapters_share_one_base_and_the_cli_writes_json_and_plot(tmp_path_facto
     assert main(["analyze", str(pair["a"]), "--data", str(pairs_file), "--folds", "3", "--bootstrap", "50"]) == 0
     text = capsys.readouterr().out
     assert "match acc" in text and "base (adapter disabled)" in text and "6 pairs (chance 0.25)" in text
+
+
+def test_study_tables_group_seeds_and_arms():
+    from tear_lora.analyze_report import study_tables
+
+    def source(name, kind, lam, seed, accuracy, weights=None):
+        result = {"matching": {"accuracy": accuracy, "margin_nats": 0.1}, "sensitivity": {"nats_per_token": 0.2},
+                  "probe": {"best_auroc": 0.8}}
+        return {"name": name, "kind": kind, "lambda": lam, "seed": seed, "response_weight": weights or {},
+                "data": {"c.jsonl": result}}
+
+    report = {"settings": {"data": ["c.jsonl"]},
+              "sources": [source("a", "adapter", 1.0, 42, 0.5), source("b", "adapter", 1.0, 7, 0.7),
+                          source("c", "adapter", 0.0, 42, 0.25), source("w", "adapter", 1.0, 42, 0.9, {"harmful": 0}),
+                          source("base", "base", None, None, 0.3)]}
+    table = study_tables(report).splitlines()[:8]  # the first table: title, blank, header, rule, 4 rows
+    assert table[2] == "| arm | λ | seed 42 | seed 7 | mean | ± half-range |"
+    assert table[4:] == ["| plain | 0 | 0.250 | - | 0.250 | - |", "| plain | 1 | 0.500 | 0.700 | 0.600 | 0.100 |",
+                         "| witness-only | 1 | 0.900 | - | 0.900 | - |", "| base | - | - | - | 0.300 | - |"]

@@ -3,10 +3,11 @@
 # was said? Demo model (SmolLM2-135M, 4-bit, CPU), recipes/demo-cpu.yaml:
 #   λ ∈ {0, 0.5, 1, 2} × seeds {42, 7}            plain objective (response loss on every row)
 #   λ = 1, seed 42, response_weight harmful 0, mixed 0.5   the "witness without imitation" arm
-# then `tear-lora analyze` on all nine adapters (one shared base) on eval.jsonl and contrast.jsonl.
+# then `tear-lora analyze` on all nine adapters (one shared base) on eval.jsonl and contrast.jsonl, and
+# `tear-lora eval` (held-out NLL per span) of the nine.
 # Resumable: every arm goes through `tear-lora sweep`, which skips finished runs and resumes checkpoints.
 # Not in CI. About 50 min on 2 idle cores (9 × ~4 min of training + ~2 min of sweep comparison each + analyze).
-#   bash scripts/experiments/lambda_study.sh            # writes docs/experiments/lambda_study.{json,txt,png}
+#   bash scripts/experiments/lambda_study.sh            # writes docs/experiments/lambda_study*.{json,txt,md,png}
 # On a GPU, for Qwen3-1.7B-Base: RECIPE=recipes/qwen3-1.7b-base.yaml bash scripts/experiments/lambda_study.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -42,6 +43,11 @@ python - "$OUT/lambda_study.json" <<'PY' | tee "$OUT/lambda_study.txt"
 import json, sys
 from tear_lora.analyze_report import format_analysis
 print(format_analysis(json.load(open(sys.argv[1]))))
+PY
+python - "$OUT/lambda_study.json" > "$OUT/lambda_study_tables.md" <<'PY'
+import json, sys
+from tear_lora.analyze_report import study_tables
+print(study_tables(json.load(open(sys.argv[1]))))
 PY
 tear-lora eval "${runs[@]}" --data data/raw/eval.jsonl | tee "$OUT/lambda_study_eval.txt"
 echo "study finished in $((SECONDS - started)) s"
