@@ -105,6 +105,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -125,6 +126,12 @@ def atomic_save_figure(figure, path: str | Path, **savefig_kwargs) -> Path:
     figure.savefig(png, format="png", **savefig_kwargs)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_bytes(path, png.getvalue())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

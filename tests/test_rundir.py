@@ -136,3 +136,11 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
                 pass
     other = subprocess.run([sys.executable, "-c", script, str(lock)], capture_output=True, text=True, timeout=60)
     assert other.returncode == 0 and "got it" in other.stdout  # released when the holder leaves the block
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert (atomic_write_text(tmp_path / "f.txt", "x").stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)
