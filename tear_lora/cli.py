@@ -62,6 +62,7 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_train(args) -> int:
     """Exit 0 trained, 2 user error, 4 training fault (NaN/Inf, disk full), 143/130 stopped by SIGTERM/SIGINT."""
+    from .distributed import teardown
     from .train import Interrupted, TrainingFault, run
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -70,6 +71,8 @@ def cmd_train(args) -> int:
     except (TrainingFault, Interrupted) as e:
         print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        teardown()  # under torchrun / accelerate launch: leave the process group cleanly
     return 0
 
 

@@ -105,7 +105,7 @@ def quantization_identity(cfg) -> dict[str, Any]:
 
 
 def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, eval_manifest: dict | None,
-                       metrics: dict, trainable: dict, log_history: list | None = None) -> dict:
+                       metrics: dict, trainable: dict, log_history: list | None = None, world_size: int = 1) -> dict:
     """tear_lora.json (and log_history.json), written atomically with NaN/Inf as null, after the adapter files:
     it records their sha256, so it must come last."""
     from transformers import AutoConfig
@@ -130,6 +130,8 @@ def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, e
         "structural_tokens": structural_token_ids(tokenizer),
         "data": {"train": _manifest_summary(train_manifest), "eval": _manifest_summary(eval_manifest)},
         "recipe_sha256": recipe.hash(),
+        # processes that trained it: the effective batch is micro-batch x accumulation x world_size
+        "world_size": world_size,
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None},
         "trainable_parameters": trainable,
         "versions": _versions(),

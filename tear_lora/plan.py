@@ -235,19 +235,23 @@ def format_plan(p: Plan, recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None) -> Plan | None:
-    """Print the plan; when training would run on CUDA, refuse a recipe that does not fit unless forced."""
+def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None, quiet: bool = False) -> Plan | None:
+    """Print the plan (unless `quiet`: the other ranks of a launcher run); when training would run on CUDA,
+    refuse a recipe that does not fit unless forced."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     try:
         p = plan(recipe)
     except PlanError as e:
-        print(f"warning: memory plan skipped: {e}", flush=True)
+        if not quiet:
+            print(f"warning: memory plan skipped: {e}", flush=True)
         return None
-    print(format_plan(p, recipe), flush=True)
+    if not quiet:
+        print(format_plan(p, recipe), flush=True)
     if not cuda:
-        print("note: training on CPU: the plan above is for the recipe's GPU, not enforced here", flush=True)
+        if not quiet:
+            print("note: training on CPU: the plan above is for the recipe's GPU, not enforced here", flush=True)
     elif not p.fits and not force:
         fix = (f"--set training.per_device_train_batch_size={p.max_micro_batch} (raise gradient_accumulation_steps "
                "to keep the effective batch)" if p.max_micro_batch else "a shorter data.max_seq_len or a bigger GPU")

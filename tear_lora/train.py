@@ -16,15 +16,18 @@ How a run treats the disk (rundir.py has the primitives):
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shlex
 import shutil
 import signal
 import tempfile
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 from .data import prepare
+from .distributed import from_main, process_state
 from .metadata import write_run_metadata
 from .model import add_adapters, format_breakdown, load_base, load_tokenizer_for, trainable_breakdown
 from .plan import check_memory
@@ -61,9 +64,12 @@ class Interrupted(RuntimeError):
 
 def sft_config(recipe: Recipe, output_dir: str | Path | None = None, overrides: dict | None = None):
     """The recipe's `training` section as TRL's SFTConfig, plus the settings our data and loss need."""
+    import torch
     from trl import SFTConfig
 
     kwargs = dict(recipe.training) | (overrides or {})
+    if not torch.cuda.is_available():  # without it HF runs each torchrun process alone instead of DDP over gloo
+        kwargs.setdefault("use_cpu", True)
     if kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing", True)):
         kwargs.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})  # no input-grad hack needed
     try:
@@ -180,32 +186,47 @@ def _keep_or_drop(work: Path) -> None:
 
 def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -> Path:
     """Train one adapter; returns its directory. On CUDA, a recipe the memory plan says cannot fit its GPU is
-    refused before anything loads unless `force`."""
-    sft_config(recipe)  # bad training values fail here, before anything is written
-    check_memory(recipe, force=force)
+    refused before anything loads unless `force`.
+
+    Under a launcher (torchrun / accelerate launch) every rank calls this; only the main process takes the lock,
+    picks the work dir, writes metadata and swaps the result in (distributed.py says who writes what).
+    """
+    state = process_state(sft_config(recipe))  # bad training values fail here, before anything is written
+    check_memory(recipe, force=force, quiet=not state.is_main_process)
     run_dir = recipe.run_dir()
-    with exclusive_lock(lock_path_for(run_dir), f"run dir {run_dir}"):
+    main = state.is_main_process
+    with exclusive_lock(lock_path_for(run_dir), f"run dir {run_dir}") if main else nullcontext():
         tokenizer = load_tokenizer_for(recipe)
-        train_data = prepare(recipe.data.train_file, tokenizer, recipe)
-        eval_data = prepare(recipe.data.eval_file, tokenizer, recipe) if recipe.data.eval_file else None
-        _report_rejects(train_data, eval_data)
-        work, checkpoint = _start_work_dir(recipe, resume)
+        with state.local_main_process_first():  # each node's first process builds the cache, the others reuse it
+            with nullcontext() if state.is_local_main_process else redirect_stdout(io.StringIO()):  # notices once
+                train_data = prepare(recipe.data.train_file, tokenizer, recipe)
+                eval_data = prepare(recipe.data.eval_file, tokenizer, recipe) if recipe.data.eval_file else None
+        if main:
+            _report_rejects(train_data, eval_data)
+        work, checkpoint = from_main(state, lambda: _start_work_dir(recipe, resume))
         try:
-            _train_in(work, recipe, tokenizer, train_data, eval_data, checkpoint)
+            _train_in(work, recipe, tokenizer, train_data, eval_data, checkpoint, state)
         except BaseException:
-            _keep_or_drop(work)
+            if main:
+                _keep_or_drop(work)
             raise
-        superseded = [p for p in stale_siblings(run_dir) if p != work]
-        swap_in(work, run_dir)
-        for old in superseded:  # interrupted attempts of this run, now replaced by a finished one
-            shutil.rmtree(old, ignore_errors=True)
-    print(f"adapter saved to {run_dir}", flush=True)
+        if main:
+            superseded = [p for p in stale_siblings(run_dir) if p != work]
+            swap_in(work, run_dir)
+            for old in superseded:  # interrupted attempts of this run, now replaced by a finished one
+                shutil.rmtree(old, ignore_errors=True)
+        state.wait_for_everyone()  # every rank returns once the adapter is in place
+    if main:
+        print(f"adapter saved to {run_dir}", flush=True)
     return run_dir
 
 
-def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, checkpoint: Path | None) -> None:
+def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, checkpoint: Path | None,
+              state) -> None:
     args = sft_config(recipe, output_dir=work / CHECKPOINTS)
-    # LoRA A is drawn from torch's RNG (randomly seeded per process); Trainer seeds only after the model exists
+    main = state.is_main_process
+    # LoRA A is drawn from torch's RNG (randomly seeded per process); Trainer seeds only after the model exists.
+    # Every rank uses the same seed: identical initial adapters, and the same data order (accelerate's sampler).
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
     if args.full_determinism:
@@ -216,11 +237,11 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
     token_ids = list(structural_token_ids(tokenizer).values())
     model = add_adapters(model, recipe, token_ids, gradient_checkpointing=args.activation_checkpointing)
     breakdown = trainable_breakdown(model)
-    print(format_breakdown(breakdown), flush=True)
-
     weights = recipe.objective.response_weight
-    if weights:
-        print(describe_response_weights(train_data.dataset, weights), flush=True)
+    if main:
+        print(format_breakdown(breakdown), flush=True)
+        if weights:
+            print(describe_response_weights(train_data.dataset, weights), flush=True)
     stop = StopOnSignal()
     trainer = TearTrainer(
         model=model, args=args, train_dataset=train_data.dataset,
@@ -242,19 +263,21 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
                             f"`{_resume_command(recipe)}`") from None
     finally:
         stop.uninstall()
-    if stop.received is not None:
-        name = signal.Signals(stop.received).name
-        raise Interrupted(f"{name}: stopped after optimizer step {trainer.state.global_step}; {_newest(work)}. "
-                          f"Continue with: {_resume_command(recipe)}", stop.received)
+    if stop.stopped or stop.received is not None:
+        signum = stop.received or signal.SIGTERM  # a rank the signal has not reached yet stops with the others
+        raise Interrupted(f"{signal.Signals(signum).name}: stopped after optimizer step {trainer.state.global_step}; "
+                          f"{_newest(work)}. Continue with: {_resume_command(recipe)}", signum)
 
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
                "train_runtime_s": result.metrics.get("train_runtime")}
     if eval_data is not None:
-        metrics.update(trainer.evaluate())
-    trainer.save_model(str(work))
-    atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
-    write_run_metadata(work, recipe, tokenizer, train_data.manifest, eval_data.manifest if eval_data else None,
-                       metrics, breakdown, log_history=trainer.state.log_history)
+        metrics.update(trainer.evaluate())  # every rank: the eval loop is collective
+    trainer.save_model(str(work))  # writes on the main process only
+    if main:
+        atomic_write_text(work / "recipe.yaml", recipe.to_yaml())
+        write_run_metadata(work, recipe, tokenizer, train_data.manifest,
+                           eval_data.manifest if eval_data else None, metrics, breakdown,
+                           log_history=trainer.state.log_history, world_size=state.num_processes)
 
 
 def describe_response_weights(dataset, weights: dict[str, float]) -> str:

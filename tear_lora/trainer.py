@@ -26,9 +26,11 @@ import signal
 from collections.abc import Mapping
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from .distributed import any_rank
 from .loss import count_span_tokens, span_loss, span_targets
 from .rundir import atomic_write_text, write_complete_marker
 from .template import PAD_ROLE
@@ -274,7 +276,8 @@ class StopOnSignal(TrainerCallback):
     """
 
     def __init__(self):
-        self.received: int | None = None
+        self.received: int | None = None  # the signal this process got
+        self.stopped = False  # the decision, taken by all ranks together: a signal reached at least one of them
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -297,7 +300,10 @@ class StopOnSignal(TrainerCallback):
               "(send it again to abort at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        # Under a launcher the signal reaches the ranks at slightly different moments; a rank that stopped alone
+        # would leave the others waiting in the next gradient all-reduce, so all of them decide together.
+        if any_rank(PartialState(), self.received is not None):
+            self.stopped = True
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -1,0 +1,92 @@
+"""Trains the tiny model for two optimizer steps and saves what a run must reproduce (run by test_distributed.py).
+
+    python -m tests.ddp_worker MODEL_DIR OUT_DIR                           # single process: every window layout
+    torchrun --standalone --nproc_per_node 2 -m tests.ddp_worker MODEL_DIR OUT_DIR   # 2 ranks x micro-batch 2
+
+Each case writes `<OUT_DIR>/<case>.safetensors` (every trainable tensor: LoRA and token rows) and
+`<case>.json` (the logged losses and counts), from the main process only. Sequential sampling makes the
+assignment of rows to micro-batches and ranks known: accelerate gives rank r the (r+1)-th batch of each group of
+`world_size` batches, the same rows a single process sees as its (r+1)-th accumulation micro-batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tear_lora.data import prepare
+from tear_lora.distributed import teardown
+from tear_lora.template import CONTEXT, WITNESS
+from tear_lora.tokens import load_tokenizer
+
+from .conftest import REPO, make_recipe, make_trainer, trainable_model
+
+# SGD with a large rate moves each weight by exactly lr x its gradient, so the saved tensors compare gradients.
+# (Adam's first steps are ~lr x sign(g): an entry whose gradient is ~0 turns float noise into a full step.)
+TRAINING = {"optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
+            "max_steps": 2, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+            "train_sampling_strategy": "sequential", "seed": 11, "activation_checkpointing": True}
+LAYOUTS = {"1x4": (4, 1), "1x2x2": (2, 2)}  # single process: (micro-batch, accumulation)
+
+
+@functools.cache
+def rows(model_dir: Path, work: Path, unequal: bool):
+    """8 triples (two optimizer steps of 4). With `unequal`, rows 2 and 3 (rank 1's first batch) lose their witness
+    targets, so the ranks' span counts differ and one rank has none at all."""
+    recipe = make_recipe(model_dir, work)
+    dataset = prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(model_dir)), recipe, save=False).dataset
+    dataset = dataset.select(range(8))
+    if not unequal:
+        return dataset
+
+    def drop_witness(row, index):
+        if index in (2, 3):
+            row["span_roles"] = [CONTEXT if r == WITNESS else r for r in row["span_roles"]]
+        return row
+
+    return dataset.map(drop_witness, with_indices=True)
+
+
+def train_case(model_dir: Path, out: Path, case: str, micro: int, accum: int, unequal: bool) -> None:
+    from safetensors.torch import save_file
+
+    recipe = make_recipe(model_dir, out / "work", lora={"dropout": 0.0},
+                         training={**TRAINING, "per_device_train_batch_size": micro,
+                                   "gradient_accumulation_steps": accum})
+    tokenizer = load_tokenizer(str(model_dir))
+    data = rows(model_dir, out / "work", unequal)
+    model = trainable_model(recipe, tokenizer, seed=11)
+    trainer = make_trainer(model, recipe, tokenizer, data, out / "work" / case)
+    trainer.train()
+    if trainer.accelerator.is_main_process:
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        state = {n: p.detach().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        save_file(state, str(out / f"{case}.safetensors"))
+        logs = [e for e in trainer.state.log_history if "response_loss" in e]
+        (out / f"{case}.json").write_text(json.dumps({"logs": logs, "world_size": trainer.args.world_size}))
+    trainer.accelerator.wait_for_everyone()
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    model_dir, out = Path(model_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    for unequal in (False, True):
+        suffix = "-unequal" if unequal else ""
+        from tear_lora.train import sft_config
+
+        args = sft_config(make_recipe(model_dir, out / "work", training=TRAINING), output_dir=out / "work" / "probe")
+        if args.world_size > 1:
+            train_case(model_dir, out, f"2x2{suffix}", 2, 1, unequal)
+        else:
+            for name, (micro, accum) in LAYOUTS.items():
+                train_case(model_dir, out, f"{name}{suffix}", micro, accum, unequal)
+    teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,100 @@
+"""Two processes on CPU (torchrun, DDP over gloo) train exactly what one process trains with the same window.
+
+About a minute on 2 cores: each launch starts two Python processes that import torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import REPO, make_recipe
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def launch(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "destroy_process_group" not in result.stderr  # the process group was torn down, not abandoned
+    return result
+
+
+def assert_same_tensors(reference: dict, other: dict, rel: float) -> None:
+    """Every tensor equal to `rel` relative to that tensor's largest entry."""
+    assert reference.keys() == other.keys()
+    for name, ref in reference.items():
+        torch.testing.assert_close(other[name], ref, rtol=0, atol=rel * ref.abs().max().item(), msg=name)
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("ddp")
+    launch([sys.executable, "-m", "tests.ddp_worker", str(tiny_model_dir), str(out)])
+    launch([*TORCHRUN, "-m", "tests.ddp_worker", str(tiny_model_dir), str(out)])
+    return out
+
+
+@pytest.mark.parametrize("suffix", ["", "-unequal"])
+def test_two_ranks_equal_one_process(worker_results, suffix):
+    """2 ranks x micro-batch 2 == 1 x micro-batch 4 == 1 x micro-batch 2 x accumulation 2, after two SGD steps:
+    logged response / witness losses and every LoRA and token-row tensor to 1e-5. In `-unequal` rank 1's first
+    batch has no witness targets at all, so the ranks' span counts differ."""
+    ref = load_file(worker_results / f"1x2x2{suffix}.safetensors")
+    ref_log = json.loads((worker_results / f"1x2x2{suffix}.json").read_text())
+    assert any("token_rows" in n or "trainable_tokens" in n for n in ref) and any("lora_B" in n for n in ref)
+    for case in ("1x4", "2x2"):
+        assert_same_tensors(ref, load_file(worker_results / f"{case}{suffix}.safetensors"), 1e-5)
+        log = json.loads((worker_results / f"{case}{suffix}.json").read_text())
+        assert log["world_size"] == (2 if case == "2x2" else 1)
+        assert len(log["logs"]) == len(ref_log["logs"]) == 2
+        for got, want in zip(log["logs"], ref_log["logs"]):
+            for key in ("response_loss", "witness_loss", "loss"):
+                assert got[key] == pytest.approx(want[key], rel=1e-5), (case, key)
+            for key in ("response_tokens", "witness_tokens"):
+                assert got[key] == want[key], (case, key)
+    if suffix:  # the unequal case really lost witness targets in step 1 (rows 2-3: all of rank 1's batch)
+        plain = json.loads((worker_results / "1x2x2.json").read_text())["logs"]
+        assert ref_log["logs"][0]["witness_tokens"] < plain[0]["witness_tokens"]
+
+
+def test_torchrun_cli_replaces_a_run_and_resumes(tmp_path, tiny_model_dir):
+    """`torchrun -m tear_lora.cli train` with overwrite replaces a previous run (only rank 0 touches the run dir),
+    and `--resume` under two processes continues its checkpoint to the same adapter as one uninterrupted process
+    with micro-batch 2 x accumulation 2 (AdamW, default sampling)."""
+    from tear_lora.train import run
+
+    sets = {"training": {"max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+                         "save_strategy": "no", "seed": 11},
+            "lora": {"dropout": 0.0}, "data": {"eval_file": None}, "output": {"run_name": "r"}}
+    recipe = make_recipe(tiny_model_dir, tmp_path, **sets)
+    run_dir = run(recipe)
+    reference = load_file(run_dir / "adapter_model.safetensors")
+
+    cli = [*TORCHRUN, "-m", "tear_lora.cli", "train", str(REPO / "recipes/tiny-cpu.yaml"),
+           "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"output.dir={tmp_path / 'adapters'}",
+           "--set", f"data.processed_dir={tmp_path / 'processed'}", "--set", "data.eval_file=null",
+           "--set", "output.run_name=r", "--set", "lora.dropout=0", "--set", "training.seed=11",
+           "--set", "training.per_device_train_batch_size=2", "--set", "training.gradient_accumulation_steps=1",
+           "--set", "training.save_steps=1"]
+    first = launch([*cli, "--set", "training.max_steps=2", "--set", "output.overwrite=true"])
+    assert first.stdout.count("adapter saved to") == 1  # the main process reports, the other stays quiet
+    meta = json.loads((run_dir / "tear_lora.json").read_text())
+    assert meta["world_size"] == 2 and meta["metrics"]["global_step"] == 2
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [".r.lock", "r"]  # no work dir left
+
+    resumed = launch([*cli, "--set", "training.max_steps=3", "--resume"])
+    assert "continuing from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    assert json.loads((run_dir / "tear_lora.json").read_text())["metrics"]["global_step"] == 3
+    # AdamW's first steps are ~lr x sign(gradient): float noise in near-zero gradients moves an entry by up to a
+    # step (2e-3 here), so the bound is absolute and well under one step; measured ~1e-7
+    got = load_file(run_dir / "adapter_model.safetensors")
+    for name, tensor in reference.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=2e-5, msg=name)
