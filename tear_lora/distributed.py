@@ -5,6 +5,14 @@ The engines do the distributed work: torchrun / accelerate start the processes, 
 gradients. What they cannot know is which of our files may be written by whom: the run-dir lock, the work dir,
 metadata and the swap belong to the main process alone; the processed-data cache is built by each node's
 first process (under its lock, so a shared filesystem builds it once) and read by the others.
+
+FSDP-QLoRA (`distributed.fsdp`): `shard_fsdp` applies torch's own FSDP2 (`fully_shard`) to each decoder layer
+and to the root before the Trainer sees the model. accelerate's FSDP2 preparation cannot be used: it fails once
+the tied embedding carries PEFT's trainable token rows (its tie detection compares weight identity, and PEFT's
+wrapper builds a new merged tensor on each access), leaves uint8-stored 4-bit weights unsharded, and is never
+enabled on CPU. A model that already reduces its own gradients is one transformers' Trainer knows how to train
+(`is_distributed_loading_by_transformers`: no DDP wrapper, deferred reduction under gradient accumulation);
+TearTrainer saves and restores its adapter and optimizer state with torch.distributed.checkpoint's full state dicts.
 """
 
 from __future__ import annotations
@@ -50,6 +58,53 @@ def any_rank(state, flag: bool) -> bool:
     from accelerate.utils import reduce
 
     return bool(reduce(torch.tensor([float(flag)], device=state.device), reduction="sum").item() > 0)
+
+
+def shard_fsdp(peft_model, state) -> None:
+    """Shard a PEFT-wrapped causal LM in place over all ranks: one FSDP2 unit per decoder layer, one root unit.
+
+    The root (embeddings, final norm, output layer and the tag rows) is not resharded after forward: the span
+    loss projects hidden states through the output layer's weight after the model's forward has returned, and
+    it needs the whole weight there, not this rank's shard.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(state.device.type, (state.num_processes,))
+    causal_lm = peft_model.get_base_model()
+    for layer in causal_lm.get_decoder().layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(causal_lm, mesh=mesh, reshard_after_forward=False)
+
+
+def is_fsdp_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def reshard(model) -> None:
+    """Put every FSDP unit back in its sharded state. The root stays unsharded after a forward with no backward
+    (an evaluation), and state-dict code must see the sharded parameters the optimizer holds."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_trainable_state(model) -> dict:
+    """Every trainable tensor whole, on CPU, keyed by parameter name. Collective: all ranks call it, in the
+    same order; gathering only the adapter keeps the frozen 4-bit base sharded."""
+    from torch.distributed.tensor import DTensor
+
+    reshard(model)
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            value = param.detach()
+            state[name] = (value.full_tensor() if isinstance(value, DTensor) else value).cpu()
+    return state
 
 
 def teardown() -> None:

@@ -27,14 +27,18 @@ def load_tokenizer_for(recipe: Recipe):
         raise ModelLoadError(f"cannot load the tokenizer of '{cfg.name_or_path}' (model.name_or_path): {e}") from None
 
 
-def quantization_config(cfg: ModelConfig):
+def quantization_config(cfg: ModelConfig, fsdp: bool = False):
+    """NF4 per the recipe. Under FSDP the packed 4-bit bytes are stored as `model.dtype` elements: FSDP shards
+    floating-point parameters, and one storage dtype across the model is what bitsandbytes' FSDP-QLoRA support
+    expects (the bytes, and so every computation, are the same as with the default uint8 storage)."""
     if not cfg.load_in_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type,
                               bnb_4bit_use_double_quant=cfg.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype])
+                              bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+                              bnb_4bit_quant_storage=DTYPES[cfg.dtype] if fsdp else torch.uint8)
 
 
 def load_base(recipe: Recipe, tokenizer, quantize: bool | None = None):
@@ -47,7 +51,7 @@ def load_base(recipe: Recipe, tokenizer, quantize: bool | None = None):
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], device_map=device_map,
-            quantization_config=quantization_config(cfg) if quantize else None,
+            quantization_config=quantization_config(cfg, recipe.distributed.fsdp) if quantize else None,
             attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
         raise ModelLoadError(f"cannot load the base model '{cfg.name_or_path}' (model.name_or_path): {e}") from None

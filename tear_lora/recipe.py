@@ -107,6 +107,15 @@ class OutputConfig:
 
 
 @dataclass
+class DistributedConfig:
+    # Several processes (torchrun / accelerate launch) run plain DDP by default: each holds the whole 4-bit base.
+    # fsdp: true shards it instead (FSDP2 per decoder layer + the root: embeddings, output layer, tag rows), for a
+    # base that does not fit one card; the 4-bit weights are then stored in model.dtype (bnb_4bit_quant_storage),
+    # which FSDP needs to shard them. Ignored in a single process. Sharding changes memory, not what is trained.
+    fsdp: bool = False
+
+
+@dataclass
 class HardwareConfig:
     gpu_memory_gb: float = 16.0  # the card this recipe is meant for; `tear-lora plan` checks against it
 
@@ -132,6 +141,7 @@ class Recipe:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     training: dict[str, Any] = field(default_factory=dict)  # any SFTConfig / TrainingArguments field
     output: OutputConfig = field(default_factory=OutputConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     source: str | None = field(default=None, metadata={"internal": True})  # file it was read from
 
@@ -148,8 +158,9 @@ class Recipe:
 
     def hash(self) -> str:
         """Content hash of what the recipe trains (not of the file's formatting): every section but `output`,
-        which only says where the result goes and whether to replace it. Secrets are masked first."""
-        trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k != "output"}
+        which only says where the result goes and whether to replace it, and `distributed` (sharded training
+        computes the same adapter). Secrets are masked first."""
+        trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k not in ("output", "distributed")}
         if not trained["objective"].get("response_weight"):  # the default (no weights) keeps older runs' hashes
             trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]

@@ -27,7 +27,7 @@ from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
 from .data import prepare
-from .distributed import from_main, process_state
+from .distributed import from_main, process_state, shard_fsdp
 from .metadata import write_run_metadata
 from .model import add_adapters, format_breakdown, load_base, load_tokenizer_for, trainable_breakdown
 from .plan import check_memory
@@ -237,9 +237,15 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
     token_ids = list(structural_token_ids(tokenizer).values())
     model = add_adapters(model, recipe, token_ids, gradient_checkpointing=args.activation_checkpointing)
     breakdown = trainable_breakdown(model)
+    sharded = recipe.distributed.fsdp and state.num_processes > 1
+    if sharded:
+        shard_fsdp(model, state)
     weights = recipe.objective.response_weight
     if main:
         print(format_breakdown(breakdown), flush=True)
+        if recipe.distributed.fsdp:
+            print(f"FSDP: base and adapters sharded over {state.num_processes} processes" if sharded else
+                  "note: distributed.fsdp is on but this is one process: training unsharded", flush=True)
         if weights:
             print(describe_response_weights(train_data.dataset, weights), flush=True)
     stop = StopOnSignal()

@@ -19,6 +19,7 @@ Hooks overridden, each for one reason:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
-from .distributed import any_rank
+from .distributed import any_rank, full_trainable_state, is_fsdp_sharded, reshard
 from .loss import count_span_tokens, span_loss, span_targets
 from .rundir import atomic_write_text, write_complete_marker
 from .template import PAD_ROLE
@@ -109,12 +110,19 @@ class TearTrainer(SFTTrainer):
 
     def __init__(self, *args, lambda_: float = 1.0, lambda_warmup_steps: int = 0, loss_chunk_size: int = 1024,
                  **kwargs):
+        model = kwargs.get("model", args[0] if args else None)
+        initial = {name: p.data for name, p in model.named_parameters() if p.requires_grad and p.dtype.is_floating_point}
         super().__init__(*args, **kwargs)
         # TRL casts a quantized model's adapters to bf16. We keep them fp32 (PEFT's default): they are a few MB,
-        # and in bf16 small updates to the token rows round away (and 4-bit gradients lose ~0.5%).
-        for param in self.model.parameters():
+        # and in bf16 small updates to the token rows round away (and 4-bit gradients lose ~0.5%). Restoring the
+        # initial fp32 tensors, not just the dtype, also undoes the rounding of LoRA A and of the fitted tag rows.
+        for name, param in self.model.named_parameters():
             if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
+                param.data = initial[name].float() if name in initial else param.data.float()
+        # distributed.fsdp: the model was sharded by distributed.shard_fsdp and reduces its own gradients. HF's
+        # init refuses checkpoints for such a model (no optimizer state); the hooks below save and restore it.
+        self._fsdp = is_fsdp_sharded(self.model)
+        self.is_distributed_loading_by_transformers |= self._fsdp
         self.lambda_ = lambda_
         self.lambda_warmup_steps = lambda_warmup_steps
         self.loss_chunk_size = loss_chunk_size
@@ -215,6 +223,8 @@ class TearTrainer(SFTTrainer):
         weights = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
         if not hasattr(model, "peft_config") or not os.path.exists(weights):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._fsdp:
+            return self._load_sharded_adapter(model, load_file(weights), weights)
         result = set_peft_model_state_dict(model, load_file(weights))
         # missing_keys lists every frozen base weight too; only trainable ones must come from the checkpoint
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -222,6 +232,63 @@ class TearTrainer(SFTTrainer):
         if result.unexpected_keys or missing:
             raise RuntimeError(f"{weights} does not match this model: unexpected keys {result.unexpected_keys[:3]}, "
                                f"missing trainable keys {missing[:3]}")
+
+    def _load_sharded_adapter(self, model, saved: dict, source: str) -> None:
+        """--resume under FSDP: the saved adapter's keys are parameter names without the adapter-name segment;
+        torch.distributed.checkpoint scatters each whole tensor into this rank's shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        adapter = model.active_adapter
+        names = {".".join(part for part in name.split(".") if part != adapter): name
+                 for name, p in model.named_parameters() if p.requires_grad}
+        unexpected, missing = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+        if unexpected or missing:
+            raise RuntimeError(f"{source} does not match this model: unexpected keys {unexpected[:3]}, "
+                               f"missing trainable keys {missing[:3]}")
+        set_model_state_dict(model, {names[key]: tensor for key, tensor in saved.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Accumulation micro-batches under FSDP keep their gradients local until the window's last one (HF's
+        version reads `config.distributed_config`, which only a model sharded by from_pretrained has)."""
+        self.model.set_requires_gradient_sync(False)  # PeftModel forwards it to the FSDP root, which recurses
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._fsdp:
+            return super().save_model(output_dir, _internal_call)
+        state = full_trainable_state(self.model)  # every rank takes part in the gathers
+        self._save(output_dir, state_dict=state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the optimizer state is sharded like the parameters: gather it whole (every rank), write it
+        once. HF's default would write rank 0's shard alone."""
+        if not self._fsdp:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        reshard(self.model)
+        state = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self._fsdp or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _run_epoch(self, *args, **kwargs):
         # HF checks max_steps only after an optimizer step, so resuming a checkpoint at max_steps trained one more
@@ -240,12 +307,13 @@ class TearTrainer(SFTTrainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
-        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        trainable = state_dict or {name: p for name, p in model.named_parameters() if p.requires_grad}
+        bad = [name for name, p in trainable.items() if not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteError(f"refusing to save {output_dir}: {len(bad)} trainable tensor(s) hold NaN/Inf "
                                  f"(first: {bad[0]})")
         os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, save_embedding_layers=False)
+        model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         atomic_write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())

@@ -1,7 +1,8 @@
 """Trains the tiny model for two optimizer steps and saves what a run must reproduce (run by test_distributed.py).
 
     python -m tests.ddp_worker MODEL_DIR OUT_DIR                           # single process: every window layout
-    torchrun --standalone --nproc_per_node 2 -m tests.ddp_worker MODEL_DIR OUT_DIR   # 2 ranks x micro-batch 2
+    torchrun --standalone --nproc_per_node 2 -m tests.ddp_worker MODEL_DIR OUT_DIR   # 2 ranks x micro-batch 2,
+                                                                                      # DDP and FSDP
 
 Each case writes `<OUT_DIR>/<case>.safetensors` (every trainable tensor: LoRA and token rows) and
 `<case>.json` (the logged losses and counts), from the main process only. Sequential sampling makes the
@@ -17,9 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from tear_lora.data import prepare
-from tear_lora.distributed import teardown
+from tear_lora.distributed import full_trainable_state, shard_fsdp, teardown
 from tear_lora.template import CONTEXT, WITNESS
 from tear_lora.tokens import load_tokenizer
 
@@ -51,21 +53,23 @@ def rows(model_dir: Path, work: Path, unequal: bool):
     return dataset.map(drop_witness, with_indices=True)
 
 
-def train_case(model_dir: Path, out: Path, case: str, micro: int, accum: int, unequal: bool) -> None:
+def train_case(model_dir: Path, out: Path, case: str, micro: int, accum: int, unequal: bool,
+               fsdp: bool = False) -> None:
     from safetensors.torch import save_file
 
-    recipe = make_recipe(model_dir, out / "work", lora={"dropout": 0.0},
+    recipe = make_recipe(model_dir, out / "work", lora={"dropout": 0.0}, distributed={"fsdp": fsdp},
                          training={**TRAINING, "per_device_train_batch_size": micro,
                                    "gradient_accumulation_steps": accum})
     tokenizer = load_tokenizer(str(model_dir))
     data = rows(model_dir, out / "work", unequal)
     model = trainable_model(recipe, tokenizer, seed=11)
+    if fsdp:
+        shard_fsdp(model, PartialState())
     trainer = make_trainer(model, recipe, tokenizer, data, out / "work" / case)
     trainer.train()
+    state = full_trainable_state(trainer.accelerator.unwrap_model(trainer.model))  # collective under FSDP
     if trainer.accelerator.is_main_process:
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        state = {n: p.detach().contiguous() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        save_file(state, str(out / f"{case}.safetensors"))
+        save_file({n: t.contiguous() for n, t in state.items()}, str(out / f"{case}.safetensors"))
         logs = [e for e in trainer.state.log_history if "response_loss" in e]
         (out / f"{case}.json").write_text(json.dumps({"logs": logs, "world_size": trainer.args.world_size}))
     trainer.accelerator.wait_for_everyone()
@@ -82,6 +86,7 @@ def main(model_dir: str, out_dir: str) -> None:
         args = sft_config(make_recipe(model_dir, out / "work", training=TRAINING), output_dir=out / "work" / "probe")
         if args.world_size > 1:
             train_case(model_dir, out, f"2x2{suffix}", 2, 1, unequal)
+            train_case(model_dir, out, f"fsdp2x2{suffix}", 2, 1, unequal, fsdp=True)
         else:
             for name, (micro, accum) in LAYOUTS.items():
                 train_case(model_dir, out, f"{name}{suffix}", micro, accum, unequal)

@@ -103,7 +103,7 @@ def test_response_weight_overrides_and_hash(tmp_path):
     default = load_recipe(path)
     assert default.objective.response_weight == {}
     # the default leaves the hash as it was before the field existed: finished runs and sweeps still match
-    trained = {k: v for k, v in default.to_dict().items() if k != "output"}
+    trained = {k: v for k, v in default.to_dict().items() if k not in ("output", "distributed")}
     trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
     assert default.hash() == hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
     weighted = load_recipe(path, ["objective.response_weight.harmful=0", "objective.response_weight.mixed=0.5"])
@@ -114,3 +114,13 @@ def test_response_weight_overrides_and_hash(tmp_path):
     assert again.to_dict() == weighted.to_dict() and again.hash() == weighted.hash()
     with pytest.raises(RecipeError, match="'objective.response_weight.harmful' must be a number >= 0, got -1"):
         load_recipe(path, ["objective.response_weight.harmful=-1"])
+
+
+def test_distributed_section_does_not_change_the_hash(tmp_path):
+    """FSDP sharding trains the same adapter (tests/test_distributed.py), so a sweep may reuse either run."""
+    path = write(tmp_path, "objective:\n  lambda: 1.0\n")
+    plain, sharded = load_recipe(path), load_recipe(path, ["distributed.fsdp=true"])
+    assert sharded.distributed.fsdp and not plain.distributed.fsdp
+    assert plain.hash() == sharded.hash()
+    with pytest.raises(RecipeError, match="distributed"):
+        load_recipe(path, ["distributed.fsdpp=true"])
