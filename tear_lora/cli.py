@@ -80,7 +80,7 @@ def cmd_plan(args) -> int:
     from .plan import format_plan, plan
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = plan(recipe)
+    result = plan(recipe, nproc=args.nproc)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result, recipe))
     return 0
 
@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("plan", help="estimate peak GPU memory of a recipe before anything loads")
     _recipe_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes per node training together: the peak per rank (DDP, or FSDP with "
+                   "distributed.fsdp: true)")
     p.set_defaults(func=cmd_plan)
 
     p = verbs.add_parser("merge", help="adapter -> standalone model dir (plain transformers can load it)")

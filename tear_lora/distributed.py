@@ -61,11 +61,12 @@ def any_rank(state, flag: bool) -> bool:
 
 
 def shard_fsdp(peft_model, state) -> None:
-    """Shard a PEFT-wrapped causal LM in place over all ranks: one FSDP2 unit per decoder layer, one root unit.
+    """Shard a PEFT-wrapped causal LM in place over all ranks: one FSDP2 unit per decoder layer, the input
+    embedding as a unit of its own when it is not tied to the output layer, and the root.
 
-    The root (embeddings, final norm, output layer and the tag rows) is not resharded after forward: the span
-    loss projects hidden states through the output layer's weight after the model's forward has returned, and
-    it needs the whole weight there, not this rank's shard.
+    The root (output layer with its tag rows, final norm; the embedding too when tied) is not resharded after
+    forward: the span loss projects hidden states through the output layer's weight after the model's forward
+    has returned, and it needs the whole weight there, not this rank's shard.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -74,6 +75,8 @@ def shard_fsdp(peft_model, state) -> None:
     causal_lm = peft_model.get_base_model()
     for layer in causal_lm.get_decoder().layers:
         fully_shard(layer, mesh=mesh)
+    if not causal_lm.config.get_text_config().tie_word_embeddings:
+        fully_shard(causal_lm.get_input_embeddings(), mesh=mesh)  # PEFT's wrapper: frozen matrix + tag rows
     fully_shard(causal_lm, mesh=mesh, reshard_after_forward=False)
 
 

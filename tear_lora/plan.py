@@ -73,6 +73,8 @@ class Plan:
     max_micro_batch: int  # largest micro-batch that fits at this seq_len (0: not even 1)
     source: str  # where the model config came from
     notes: list[str] = field(default_factory=list)
+    nproc: int = 1  # processes the peak is per: 1, or each rank of a DDP / FSDP run
+    sharding: str = "none"  # "none" (one process), "ddp" (every rank holds the whole model), "fsdp"
 
     @property
     def fits(self) -> bool:
@@ -154,24 +156,42 @@ def layer_bytes_per_token(shape: Shape, act: int, dropout: float, lora_on: set[s
     return saved, (i + 3 * h) * act
 
 
-def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int) -> tuple[dict[str, int], str, int]:
-    """(components, peak phase, peak allocated bytes) for one training step at this micro-batch and length."""
+def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
+             nproc: int = 1) -> tuple[dict[str, int], str, int]:
+    """(components, peak phase, peak allocated bytes) for one training step at this micro-batch and length, per
+    process when `nproc` processes train together.
+
+    DDP (the default with several processes): every rank holds the whole model, plus gradient buckets the size of
+    the trainable gradients. FSDP (`distributed.fsdp`, distributed.shard_fsdp): each rank keeps 1/nproc of every
+    weight, LoRA matrix and optimizer state; a decoder layer is whole only while it runs (plus the next one,
+    prefetched), and the root unit (output layer and tag rows; the embedding too when tied) is whole for the entire
+    step, because the span loss reads the output layer after the forward: it counts once whole, once as a shard.
+    """
     s = _sizes(recipe, shape)
     m, tokens, h, v = recipe.model, micro_batch * seq_len, shape.hidden, shape.vocab
     act = s["act"]
+    fsdp = recipe.distributed.fsdp and nproc > 1
+    share = 1 / nproc if fsdp else 1
+    linear_bytes = s["linear_params"] * (0.5 if m.load_in_4bit else s["weight"])
+    quant_bytes = s["linear_params"] * ((1 / 64 + 4 / (64 * 256)) if m.double_quant else 4 / 64) if m.load_in_4bit else 0
+    matrix = v * h * s["weight"]  # the input embedding; an untied output layer is another one
+    trainable_bytes = (s["lora_params"] + s["row_params"]) * (2 * s["trainable"] + s["optimizer"])
     static = {
-        "base linear weights (4-bit)" if m.load_in_4bit else "base linear weights": s["linear_params"] * (
-            0.5 if m.load_in_4bit else s["weight"]),
-        "quantization state": s["linear_params"] * ((1 / 64 + 4 / (64 * 256)) if m.double_quant else 4 / 64)
-        if m.load_in_4bit else 0,
-        "embeddings (tied)" if shape.tied else "embeddings + output layer": v * h * s["weight"] * (
-            1 if shape.tied else 2),
-        "norms": (shape.layers * (2 * h + 2 * shape.head_dim) + h) * s["weight"],
-        "LoRA + token rows: weights, grads, optimizer": (s["lora_params"] + s["row_params"]) * (
-            2 * s["trainable"] + s["optimizer"]),
+        "base linear weights (4-bit)" if m.load_in_4bit else "base linear weights": linear_bytes * share,
+        "quantization state": quant_bytes * share,
+        # under FSDP the root holding the output layer is whole all step; an untied input embedding is a unit
+        # of its own, whole only while it runs
+        "embeddings (tied)" if shape.tied else "embeddings + output layer": matrix * (
+            (1 + share) if shape.tied else (share + 1 + share)) if fsdp else matrix * (1 if shape.tied else 2),
+        "norms": (shape.layers * (2 * h + 2 * shape.head_dim) + h) * s["weight"] * share,
+        "LoRA + token rows: weights, grads, optimizer": trainable_bytes * share,
         "checkpointed layer inputs": shape.layers * tokens * h * act + micro_batch * seq_len * seq_len
         + tokens * shape.head_dim * 2 * 4,  # + the padded batch's 4D bool mask, rotary cos/sin
     }
+    if fsdp:
+        static["FSDP: two decoder layers whole (running + prefetched)"] = 2 * (linear_bytes + quant_bytes) / shape.layers
+    elif nproc > 1:
+        static["DDP gradient buckets"] = (s["lora_params"] + s["row_params"]) * s["trainable"]
     lora_on = set(shape.linears()) if recipe.lora.target_modules == "all-linear" else set(recipe.lora.target_modules)
     saved, transient = layer_bytes_per_token(shape, act, recipe.lora.dropout, lora_on)
     max_linear = max(i * o for i, o in shape.linears().values())
@@ -201,8 +221,11 @@ def card_bytes(peak_allocated: int) -> int:
 
 
 def plan(recipe: Recipe, config: dict | None = None, source: str = "given config",
-         gpu_memory_gb: float | None = None) -> Plan:
-    """Estimate the recipe's peak at its micro-batch and max_seq_len, and the largest micro-batch that fits."""
+         gpu_memory_gb: float | None = None, nproc: int = 1) -> Plan:
+    """Estimate the recipe's peak at its micro-batch and max_seq_len, and the largest micro-batch that fits;
+    per rank when `nproc` processes train together (DDP, or FSDP with `distributed.fsdp`)."""
+    if nproc < 1:
+        raise PlanError(f"--nproc must be at least 1 (got {nproc})")
     if config is None:
         config, source = load_model_config(recipe.model.name_or_path, recipe.model.revision,
                                            recipe.model.trust_remote_code)
@@ -210,19 +233,27 @@ def plan(recipe: Recipe, config: dict | None = None, source: str = "given config
     micro_batch = int(recipe.training.get("per_device_train_batch_size", 8))
     seq_len = recipe.data.max_seq_len
     gpu = int((gpu_memory_gb or recipe.hardware.gpu_memory_gb) * GIB)
-    components, phase, peak = estimate(recipe, shape, micro_batch, seq_len)
+    components, phase, peak = estimate(recipe, shape, micro_batch, seq_len, nproc)
     best = 0
-    while best < MAX_MICRO_BATCH and card_bytes(estimate(recipe, shape, best + 1, seq_len)[2]) <= gpu:
+    while best < MAX_MICRO_BATCH and card_bytes(estimate(recipe, shape, best + 1, seq_len, nproc)[2]) <= gpu:
         best += 1
     notes = [f"seq_len = data.max_seq_len = {seq_len} (the worst case: batches pad to their longest row)"]
+    sharding = "none" if nproc == 1 else "fsdp" if recipe.distributed.fsdp else "ddp"
+    if sharding == "fsdp":
+        notes.append("FSDP: each rank first loads the whole 4-bit base, then shards it; that load-time peak is "
+                     f"{(components.get('base linear weights (4-bit)', 0) * nproc) / GIB:.2f} GiB of linear weights")
+    elif sharding == "ddp" and recipe.model.load_in_4bit:
+        notes.append("DDP: every rank holds the whole model; set distributed.fsdp: true to shard it")
     if shape.vocab > 2**16 and recipe.objective.loss_chunk_size > 4096:
         notes.append("objective.loss_chunk_size above 4096 buys little speed for a lot of memory")
-    return Plan(micro_batch, seq_len, components, phase, peak, card_bytes(peak), gpu, best, source, notes)
+    return Plan(micro_batch, seq_len, components, phase, peak, card_bytes(peak), gpu, best, source, notes, nproc,
+                sharding)
 
 
 def format_plan(p: Plan, recipe: Recipe) -> str:
     gib = lambda b: f"{b / GIB:6.2f} GiB"  # noqa: E731
-    lines = [f"memory plan for {recipe.source or 'recipe'}: micro-batch {p.micro_batch} x {p.seq_len} tokens, "
+    per = "" if p.nproc == 1 else f", per rank of {p.nproc} ({p.sharding.upper()})"
+    lines = [f"memory plan for {recipe.source or 'recipe'}: micro-batch {p.micro_batch} x {p.seq_len} tokens{per}, "
              f"model config from {p.source}"]
     lines += [f"  {gib(b)}  {name}" for name, b in p.components.items()]
     lines.append(f"  {gib(p.peak_allocated)}  = peak allocated (during: {p.phase})")
@@ -235,14 +266,15 @@ def format_plan(p: Plan, recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None, quiet: bool = False) -> Plan | None:
+def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None, quiet: bool = False,
+                 nproc: int = 1) -> Plan | None:
     """Print the plan (unless `quiet`: the other ranks of a launcher run); when training would run on CUDA,
     refuse a recipe that does not fit unless forced."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     try:
-        p = plan(recipe)
+        p = plan(recipe, nproc=nproc)
     except PlanError as e:
         if not quiet:
             print(f"warning: memory plan skipped: {e}", flush=True)
@@ -255,6 +287,8 @@ def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None, 
     elif not p.fits and not force:
         fix = (f"--set training.per_device_train_batch_size={p.max_micro_batch} (raise gradient_accumulation_steps "
                "to keep the effective batch)" if p.max_micro_batch else "a shorter data.max_seq_len or a bigger GPU")
+        if recipe.distributed.fsdp and nproc == 1:
+            fix = f"launching it on several GPUs (`tear-lora plan {recipe.source or 'RECIPE'} --nproc 2`), or {fix}"
         raise PlanError(f"{recipe.source or 'recipe'}: estimated {p.card_bytes / GIB:.1f} GiB does not fit "
                         f"hardware.gpu_memory_gb = {p.gpu_bytes / GIB:g} GiB; try {fix}, or pass --force")
     return p

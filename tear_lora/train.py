@@ -192,7 +192,7 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
     picks the work dir, writes metadata and swaps the result in (distributed.py says who writes what).
     """
     state = process_state(sft_config(recipe))  # bad training values fail here, before anything is written
-    check_memory(recipe, force=force, quiet=not state.is_main_process)
+    check_memory(recipe, force=force, quiet=not state.is_main_process, nproc=state.num_processes)
     run_dir = recipe.run_dir()
     main = state.is_main_process
     with exclusive_lock(lock_path_for(run_dir), f"run dir {run_dir}") if main else nullcontext():

@@ -1,6 +1,6 @@
 """Trains the tiny model for two optimizer steps and saves what a run must reproduce (run by test_distributed.py).
 
-    python -m tests.ddp_worker MODEL_DIR OUT_DIR                           # single process: every window layout
+    python -m tests.ddp_worker MODEL_DIR OUT_DIR [UNTIED_MODEL_DIR]        # single process: every window layout
     torchrun --standalone --nproc_per_node 2 -m tests.ddp_worker MODEL_DIR OUT_DIR   # 2 ranks x micro-batch 2,
                                                                                       # DDP and FSDP
 
@@ -75,7 +75,7 @@ def train_case(model_dir: Path, out: Path, case: str, micro: int, accum: int, un
     trainer.accelerator.wait_for_everyone()
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, untied_dir: str | None = None) -> None:
     model_dir, out = Path(model_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -90,8 +90,13 @@ def main(model_dir: str, out_dir: str) -> None:
         else:
             for name, (micro, accum) in LAYOUTS.items():
                 train_case(model_dir, out, f"{name}{suffix}", micro, accum, unequal)
+    if untied_dir:  # an untied output layer: FSDP shards the input embedding as a unit of its own
+        if args.world_size > 1:
+            train_case(Path(untied_dir), out, "untied-fsdp2x2", 2, 1, False, fsdp=True)
+        else:
+            train_case(Path(untied_dir), out, "untied-1x2x2", 2, 2, False)
     teardown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -37,10 +37,22 @@ def assert_same_tensors(reference: dict, other: dict, rel: float) -> None:
 
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory, tiny_model_dir):
+    from tear_lora.tiny import qwen3_tokenizer, tiny_qwen3
+
     out = tmp_path_factory.mktemp("ddp")
-    launch([sys.executable, "-m", "tests.ddp_worker", str(tiny_model_dir), str(out)])
-    launch([*TORCHRUN, "-m", "tests.ddp_worker", str(tiny_model_dir), str(out)])
+    untied = out / "tiny-untied"
+    tiny_qwen3(0, tie_word_embeddings=False).save_pretrained(untied)
+    qwen3_tokenizer().save_pretrained(untied)
+    for launcher in ([sys.executable], TORCHRUN):
+        launch([*launcher, "-m", "tests.ddp_worker", str(tiny_model_dir), str(out), str(untied)])
     return out
+
+
+def test_fsdp_with_an_untied_output_layer(worker_results):
+    """Untied bases (Qwen3-8B) shard the input embedding on its own; still the same training to 1e-5."""
+    reference = load_file(worker_results / "untied-1x2x2.safetensors")
+    assert sum("trainable_tokens_delta" in name for name in reference) == 2  # input and output rows
+    assert_same_tensors(reference, load_file(worker_results / "untied-fsdp2x2.safetensors"), 1e-5)
 
 
 @pytest.mark.parametrize("suffix", ["", "-unequal"])

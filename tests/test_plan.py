@@ -64,7 +64,7 @@ def test_train_runs_the_check_before_loading_anything(monkeypatch, tmp_path):
 
     recipe = qwen_recipe("hardware.gpu_memory_gb=2", "training.per_device_train_batch_size=64",
                          "training.bf16=false", f"output.dir={tmp_path}")
-    monkeypatch.setattr(train, "check_memory", lambda r, force=False: check_memory(r, force=force, cuda=True))
+    monkeypatch.setattr(train, "check_memory", lambda r, force=False, **kw: check_memory(r, force=force, cuda=True, **kw))
     monkeypatch.setattr(train, "load_tokenizer_for", lambda r: pytest.fail("loaded the tokenizer before the plan"))
     with pytest.raises(PlanError, match="does not fit"):
         train.run(recipe)
@@ -117,3 +117,44 @@ def test_tiny_estimate_matches_a_measured_cpu_step(tiny_model_dir, tmp_path, tok
     measured = static + peak
     estimated = plan(recipe).peak_allocated
     assert 0.8 * measured < estimated < 1.25 * measured, (estimated, measured)
+
+
+FSDP_8B = REPO / "recipes" / "qwen3-8b-base-fsdp-2x16gb.yaml"
+
+
+def test_per_rank_plan_ddp_and_fsdp():
+    """DDP ranks hold everything plus gradient buckets; FSDP ranks hold 1/N of the weights and adapter state, but the
+    root (here: tied embeddings) whole all step plus its shard, and two decoder layers whole."""
+    single, ddp = plan(qwen_recipe()), plan(qwen_recipe(), nproc=2)
+    assert (ddp.nproc, ddp.sharding, single.sharding) == (2, "ddp", "none")
+    assert ddp.components["DDP gradient buckets"] > 0 and ddp.peak_allocated > single.peak_allocated
+    fsdp = plan(qwen_recipe("distributed.fsdp=true"), nproc=2)
+    c, s = fsdp.components, single.components
+    assert fsdp.sharding == "fsdp"
+    assert c["base linear weights (4-bit)"] == s["base linear weights (4-bit)"] / 2
+    assert c["embeddings (tied)"] == pytest.approx(1.5 * s["embeddings (tied)"])
+    assert c["LoRA + token rows: weights, grads, optimizer"] == pytest.approx(
+        s["LoRA + token rows: weights, grads, optimizer"] / 2)
+    assert c["FSDP: two decoder layers whole (running + prefetched)"] == pytest.approx(
+        2 * (s["base linear weights (4-bit)"] + s["quantization state"]) / 28)
+    assert plan(qwen_recipe("distributed.fsdp=true")).components == s  # one process: nothing to shard
+
+
+def test_fsdp_recipe_needs_two_cards_and_fits_them():
+    """The shipped 8B recipe's claim, from the shipped Qwen3-8B config (untied: its input embedding is sharded)."""
+    recipe = load_recipe(FSDP_8B)
+    one, two = plan(recipe), plan(recipe, nproc=2)
+    assert not one.fits and two.fits
+    matrix = 151_936 * 4096 * 2
+    assert two.components["embeddings + output layer"] == pytest.approx(matrix * (0.5 + 1 + 0.5))
+    with pytest.raises(PlanError, match="--nproc 2"):
+        check_memory(recipe, cuda=True, quiet=True)
+
+
+def test_plan_cli_nproc(capsys):
+    from tear_lora.cli import main
+
+    assert main(["plan", str(FSDP_8B), "--nproc", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["nproc"] == 2 and out["sharding"] == "fsdp" and out["fits"]
+    assert main(["plan", str(FSDP_8B), "--nproc", "0"]) == 2
