@@ -190,6 +190,10 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
     }
     if fsdp:
         static["FSDP: two decoder layers whole (running + prefetched)"] = 2 * (linear_bytes + quant_bytes) / shape.layers
+        # Unsharding a unit takes twice its size while the gathered copy is copied out (measured in isolation on
+        # gloo: 1.16 GiB for a 0.58 GiB embedding); a two-step FSDP run of the 1.7B shape (4 layers, CPU) peaks one
+        # whole root matrix above the other terms (docs/performance.md, "Several processes"), so it is counted.
+        static["FSDP: gather copy of the root's matrix"] = matrix
     elif nproc > 1:
         static["DDP gradient buckets"] = (s["lora_params"] + s["row_params"]) * s["trainable"]
     lora_on = set(shape.linears()) if recipe.lora.target_modules == "all-linear" else set(recipe.lora.target_modules)
