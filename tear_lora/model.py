@@ -7,6 +7,8 @@ weight, including all other embedding rows, stays bit-identical to the base.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .recipe import ModelConfig, Recipe
@@ -99,7 +101,61 @@ def add_adapters(model, recipe: Recipe, token_ids: list[int], gradient_checkpoin
     if recipe.model.upcast_to_fp32 and getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    return get_peft_model(model, lora_config(recipe, token_ids, model))
+    return use_row_lookup(get_peft_model(model, lora_config(recipe, token_ids, model)))
+
+
+def use_row_lookup(peft_model):
+    """Give every PEFT trainable-token layer of the model the forward of `row_lookup_class()` (no merged
+    [vocab, hidden] copies); returns the model."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in peft_model.modules():
+        if type(module) is TrainableTokensLayer:
+            module.__class__ = row_lookup_class()
+    return peft_model
+
+
+@functools.cache
+def row_lookup_class():
+    """The class, built on first use: importing PEFT costs seconds that verbs like `plan` never need."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    class RowLookupTokens(TrainableTokensLayer):
+        """PEFT's trainable token rows, computed without a merged copy of the matrix.
+
+        PEFT's layer builds `W' = W.index_copy(rows)`, a new [vocab, hidden] tensor, on every forward (the input
+        embedding, and the output layer even for the one position `final_hidden_states` asks for), and backward
+        gives W' a dense [vocab, hidden] gradient: for Qwen3 two ~0.6 GB tensors per step that only exist to
+        carry six rows. Here the frozen matrix does the lookup / projection and the six rows are put in
+        afterwards (embedding: the looked-up vectors at the tag ids; output layer: the tag ids' logit columns),
+        so gradients reach the rows and nothing else. Parameters, state dict, saving, merging and
+        `merge_and_unload` are PEFT's own (only `forward_adapters` differs); a merged or disabled adapter runs
+        PEFT's path unchanged.
+        """
+
+        def forward_adapters(self, x: torch.Tensor, active_adapters, *args, **kwargs) -> torch.Tensor:
+            if self.disable_adapters or not active_adapters or self.merged or len(active_adapters) != 1:
+                return super().forward_adapters(x, active_adapters, *args, **kwargs)
+            adapter = active_adapters[0]
+            base, rows = self.get_base_layer(), self.trainable_tokens_delta[adapter]
+            ids = torch.tensor(self.token_indices[adapter], device=rows.device)
+            if isinstance(base, torch.nn.Embedding):
+                out = base(x, *args, **kwargs)  # the frozen lookup (and any embed_scale the layer applies)
+                scale = self._get_embed_scale()
+                row_values = rows.to(out.dtype) * (scale.to(out.dtype) if scale is not None else 1)
+                where = (x.unsqueeze(-1) == ids).nonzero()  # [n, x.dim() + 1]: position..., which row
+                if where.numel() == 0:
+                    return out + 0 * row_values.sum()  # keep the rows in the graph (zero gradient, DDP-safe)
+                return out.index_put(tuple(where[:, :-1].T), row_values[where[:, -1]])
+            if isinstance(base, torch.nn.Linear):
+                # 2-D: a 3-D input can make matmul expand the [vocab, hidden] weight for bmm and copy it whole
+                flat = x.reshape(-1, x.shape[-1])
+                out = torch.nn.functional.linear(flat, base.weight)  # frozen columns; tag columns replaced below
+                out = out.index_copy(-1, ids, torch.nn.functional.linear(flat, rows.to(flat.dtype)).to(out.dtype))
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+            return super().forward_adapters(x, active_adapters, *args, **kwargs)
+
+    return RowLookupTokens
 
 
 def _tied(model) -> bool:

@@ -190,10 +190,6 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
     }
     if fsdp:
         static["FSDP: two decoder layers whole (running + prefetched)"] = 2 * (linear_bytes + quant_bytes) / shape.layers
-        # Unsharding a unit takes twice its size while the gathered copy is copied out (measured in isolation on
-        # gloo: 1.16 GiB for a 0.58 GiB embedding); a two-step FSDP run of the 1.7B shape (4 layers, CPU) peaks one
-        # whole root matrix above the other terms (docs/performance.md, "Several processes"), so it is counted.
-        static["FSDP: gather copy of the root's matrix"] = matrix
     elif nproc > 1:
         static["DDP gradient buckets"] = (s["lora_params"] + s["row_params"]) * s["trainable"]
     lora_on = set(shape.linears()) if recipe.lora.target_modules == "all-linear" else set(recipe.lora.target_modules)
@@ -209,11 +205,11 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
             "final hidden states + final norm": tokens * h * (2 * act + 4),
             "loss chunk (logits + fp32 softmax)": chunk * v * (4 + (act if act != 4 else 0)) + tokens * h * act,
         },
-        "backward into the embeddings": {
-            "dense embedding gradient (PEFT token rows)": v * h * s["weight"],
-            "hidden-state gradients": tokens * h * 4,
-        },
     }
+    if fsdp:
+        # Unsharding a unit takes twice its size while the gathered buffer is copied out (measured alone on gloo:
+        # 1.16 GiB to unshard a 0.58 GiB embedding); for the root that happens at the start of the forward.
+        phases["forward: unsharding the root"] = {"FSDP: gather copy of the root's matrix": matrix}
     totals = {name: sum(terms.values()) for name, terms in phases.items()}
     phase = max(totals, key=totals.get)
     components = {k: int(b) for k, b in {**static, **phases[phase]}.items() if b}

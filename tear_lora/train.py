@@ -70,6 +70,9 @@ def sft_config(recipe: Recipe, output_dir: str | Path | None = None, overrides: 
     kwargs = dict(recipe.training) | (overrides or {})
     if not torch.cuda.is_available():  # without it HF runs each torchrun process alone instead of DDP over gloo
         kwargs.setdefault("use_cpu", True)
+    # every trainable tensor gets a gradient each step (the tag rows too: each row holds tags), so DDP can skip
+    # HF's default for PEFT models, a search for unused parameters after every backward
+    kwargs.setdefault("ddp_find_unused_parameters", False)
     if kwargs.get("activation_checkpointing", kwargs.get("gradient_checkpointing", True)):
         kwargs.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})  # no input-grad hack needed
     try:

@@ -45,26 +45,47 @@ def resident_bytes(model) -> int:
     return sum(tensors.values())
 
 
-def traced_peak(trainer) -> int:
-    """Peak of the running sum of every CPU allocation and free the profiler records during `train()`, in time
-    order. (The profiler's memory timeline, which bench_train uses, asserts on FSDP's DTensor ops; its raw
-    allocation events do not.)"""
+def traced_train(trainer) -> tuple[int, int]:
+    """(resident bytes, peak of the running sum of every CPU allocation and free) over the training steps.
+
+    Tracing starts at `on_train_begin`, after the Trainer has prepared the model: on CPU accelerate's
+    `model.to("cpu:0")` under DDP copies every weight once, a start-up transient with no GPU counterpart. The
+    profiler's raw allocation events are summed in time order (its memory timeline, which bench_train uses,
+    asserts on FSDP's DTensor ops)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        trainer.train()
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                   with_stack=bool(os.environ.get("BENCH_DEBUG")))
+    resident = []
+
+    class StartTracing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            resident.append(resident_bytes(trainer.model))
+            prof.start()
+
+    trainer.add_callback(StartTracing())
+    trainer.train()
+    prof.stop()
     allocations, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
         stack.extend(event.children)
         if event.typed[0] == _EventType.Allocation:
             allocations.append((event.start_time_ns, event.typed[1].alloc_size))
+            if os.environ.get("BENCH_DEBUG") and event.typed[1].alloc_size > 2**27:
+                chain, e = [], event.parent
+                while e is not None and len(chain) < 40:
+                    if e.typed[0] == _EventType.PyCall or len(chain) < 4:
+                        chain.append(e.name[-70:])
+                    e = e.parent
+                print("BIG", event.typed[1].alloc_size / 2**30, chain, flush=True)
     current = peak = 0
     for _, size in sorted(allocations):
         current += size
         peak = max(peak, current)
-    return peak
+    return resident[0], peak
 
 
 def run_mode(mode: str, args, model_dir: Path, state) -> dict:
@@ -97,8 +118,8 @@ def run_mode(mode: str, args, model_dir: Path, state) -> dict:
         trainer.train()
         measured = {"peak_allocated_bytes": torch.cuda.max_memory_allocated()}
     else:
-        resident = resident_bytes(model)
-        measured = {"resident_bytes": resident, "traced_peak_allocated_bytes": resident + traced_peak(trainer)}
+        resident, peak = traced_train(trainer)
+        measured = {"resident_bytes": resident, "traced_peak_allocated_bytes": resident + peak}
     config = json.loads((model_dir / "config.json").read_text())
     p = plan(recipe, config=config, source=str(model_dir), nproc=state.num_processes)
     return {"mode": mode, "rank": state.process_index, "world_size": state.num_processes, "layers": config[
