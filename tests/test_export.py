@@ -13,7 +13,7 @@ from tear_lora.cli import main
 from tear_lora.export import MergeError, merge_into
 from tear_lora.metadata import AdapterError
 from tear_lora.model import load_base
-from tear_lora.tokens import WITNESS_CLOSE
+from tear_lora.tokens import RESPONSE_CLOSE, WITNESS_CLOSE
 
 from .release_helpers import trained_pair
 
@@ -125,7 +125,8 @@ def test_merged_files(merged, pair):
     assert not any("lora" in k or "trainable_tokens" in k for k in keys)
     meta = json.loads((pair["b"] / "tear_lora.json").read_text())
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == [meta["structural_tokens"][WITNESS_CLOSE], 151643]
+    tags = meta["structural_tokens"]
+    assert generation["eos_token_id"] == [tags[RESPONSE_CLOSE], tags[WITNESS_CLOSE], 151643]  # each span ends a call
     card = (out / "README.md").read_text()
     for needed in ("λ = 2.0", "<|input|>{input}<|/input|><|response|>{response}<|/response|><|witness|>",
                    "Verify", "passed", meta["data"]["train"]["source_sha256"][:16], "eval_witness_loss"):
