@@ -15,6 +15,11 @@ Hooks overridden, each for one reason:
 - `_save_checkpoint`: a completion marker after all of a checkpoint's files, so --resume can trust it.
 - `training_step` / `_get_grad_norm`: stop at the first non-finite loss or gradient, before the optimizer
   writes it into the adapter (HF would log around a NaN loss and step on a NaN gradient).
+- FSDP (`distributed.fsdp`; a model sharded by distributed.shard_fsdp): `save_model`,
+  `_save_optimizer_and_scheduler`, `_load_optimizer_and_scheduler`, `_load_from_checkpoint` gather / scatter
+  whole adapter and optimizer state with torch.distributed.checkpoint (HF would write rank 0's shard alone), and
+  `_defer_fsdp_gradient_reduction` keeps accumulation micro-batches local (HF's reads a config only a model
+  sharded by `from_pretrained` has).
 """
 
 from __future__ import annotations
