@@ -48,8 +48,10 @@ def cmd_data_prepare(args) -> int:
     from .model import load_tokenizer_for
 
     recipe = load_recipe(args.recipe, args.overrides)
+    # pack as training will (data.packing packs the training file only), so `train` finds this very cache
+    packed = recipe.data.packing and Path(args.raw).resolve() == Path(recipe.data.train_file).resolve()
     prepared = prepare(args.raw, load_tokenizer_for(recipe), recipe, out_dir=args.out,
-                       skip_invalid=args.skip_invalid or None)
+                       skip_invalid=args.skip_invalid or None, packed=packed)
     m = prepared.manifest
     print(f"{args.raw}: {m['rows_kept']} rows kept, {m['rows_rejected']} rejected, {m['rows_trimmed']} trimmed "
           f"-> {prepared.out_dir}")

@@ -9,6 +9,10 @@ The processed set is cached in `<processed_dir>/<stem>-<key>/`, where the key ha
 depends on (file content, tokenizer, data settings, this code). Different settings therefore never share a
 directory: a run reading one cache is not disturbed by another run building a different one. A cache is built
 in a hidden sibling under a lock and swapped in whole; a damaged one is rebuilt, never trusted.
+
+Packing (`data.packing`, training only): TRL's best-fit-decreasing `pack_dataset` packs whole triples into rows
+of at most `max_seq_len` tokens, and the packed set is cached beside the triples (`packed/`, its own cache key),
+so a large file is packed once and read memory-mapped like the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from array import array
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +36,18 @@ from datasets import Dataset, Features, List, Value, load_from_disk
 from . import rawdata, rundir, template
 from .rawdata import DataError, Reject, Row, TripleReader, load_triples
 
-__all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples", "prepare",
-           "tokenize_row", "tokenizer_hash"]
+__all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples", "pack_triples",
+           "prepare", "tokenize_row", "tokenizer_hash"]
 
 CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
 FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
                      "meta": Value("string")})  # meta: the row's meta object as JSON text, or null
+# A packed row: the tokens of several whole triples back to back; `seq_lengths`, `id` and `meta` have one entry per
+# triple, in order, so the collator can restart positions at each triple and weight each triple's response by its
+# own meta (objective.response_weight), exactly as if it were a row of its own.
+PACKED_FEATURES = Features({"input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
+                            "seq_lengths": List(Value("int32")), "id": List(Value("string")),
+                            "meta": List(Value("string"))})
 LOCK_POLL_S = 0.25
 
 
@@ -120,27 +131,103 @@ def _length_stats(lengths: dict[str, array]) -> dict[str, dict[str, float]]:
     return stats
 
 
+# ---- packing ----------------------------------------------------------------------------------------------------
+
+
+def pack_triples(triples: Dataset, max_seq_len: int) -> Dataset:
+    """Tokenized triples -> packed rows (PACKED_FEATURES) of at most `max_seq_len` tokens, every triple whole.
+
+    The packer is TRL's `pack_dataset(..., "bfd")`: best fit decreasing over each batch of 1,000 triples, which
+    packs every list column alike (`input_ids`, `span_roles`) and adds `seq_lengths`. It only takes per-token
+    columns, so each triple's index rides along as a per-token column, and afterwards gives each packed row the
+    `id` and `meta` of its triples in order. No triple is cut: tokenize_row already fits each within max_seq_len.
+    """
+    from trl.data_utils import pack_dataset  # deferred: importing TRL takes seconds and most verbs never pack
+
+    with _quiet_maps():
+        tagged = triples.map(_tag_tokens, batched=True, with_indices=True, remove_columns=["id", "meta"])
+        packed = pack_dataset(tagged, max_seq_len, strategy="bfd")
+        lookup = triples.select_columns(["id", "meta"])
+        return packed.map(_triple_fields, batched=True, fn_kwargs={"lookup": lookup}, remove_columns=["triple"],
+                          features=PACKED_FEATURES)
+
+
+@contextmanager
+def _quiet_maps():
+    """No `Map: 100%` bars: packing takes well under a second per 1,000 triples, and one note reports it."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _tag_tokens(batch: dict, indices: list[int]) -> dict:
+    return {"triple": [[index] * len(ids) for index, ids in zip(indices, batch["input_ids"])]}
+
+
+def _triple_fields(batch: dict, lookup: Dataset) -> dict:
+    """Each packed row's triples (the index at each triple's first token) -> their ids and metas."""
+    rows = []
+    for lengths, tags in zip(batch["seq_lengths"], batch["triple"]):
+        rows.append([tags[start] for start in (0, *accumulate(lengths[:-1]))])
+    fields = lookup[[index for row in rows for index in row]] if rows else {"id": [], "meta": []}
+    out, at = {"id": [], "meta": []}, 0
+    for row in rows:
+        for name in out:
+            out[name].append(fields[name][at : at + len(row)])
+        at += len(row)
+    return out
+
+
+def describe_packing(stats: dict[str, Any]) -> str:
+    return (f"data.packing: {stats['triples']} triples in {stats['rows']} rows of <= {stats['max_seq_len']} tokens "
+            f"({stats['triples_per_row']} per row, {stats['fill']:.0%} full)")
+
+
+def _packing_stats(packed: Dataset, max_seq_len: int) -> dict[str, Any]:
+    """What packing did, for the manifest: rows, triples, tokens and how full the rows are."""
+    lengths = [sum(row) for row in packed["seq_lengths"]]
+    triples = sum(len(row) for row in packed["seq_lengths"])
+    return {"max_seq_len": max_seq_len, "rows": len(lengths), "triples": triples, "tokens": sum(lengths),
+            "fill": round(sum(lengths) / (len(lengths) * max_seq_len), 4) if lengths else 0.0,
+            "triples_per_row": round(triples / len(lengths), 2) if lengths else 0.0}
+
+
 # ---- prepare: build once, cache by content ----------------------------------------------------------------------
 
 
 @dataclass
 class Prepared:
-    dataset: Dataset
+    dataset: Dataset  # one triple per row (FEATURES), always: evaluation, stats and response weights read this
     manifest: dict[str, Any]
     out_dir: Path | None  # the cache directory actually used (None with save=False)
+    packed: Dataset | None = None  # the same triples packed (PACKED_FEATURES), when asked for
+
+    @property
+    def training_rows(self) -> Dataset:
+        """What to train on: the packed rows when packing was asked for, else the triples."""
+        return self.dataset if self.packed is None else self.packed
 
 
 def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None = None,
-            skip_invalid: bool | None = None, save: bool = True) -> Prepared:
+            skip_invalid: bool | None = None, save: bool = True, packed: bool = False) -> Prepared:
     """Raw file -> tokenized Dataset + manifest, reusing the cache when everything it depends on is unchanged.
 
     `out_dir` replaces the default `<processed_dir>/<stem>-<key>`; it is built aside and swapped in the same way.
+    `packed` (training passes `recipe.data.packing`) also packs the triples into `Prepared.packed`; it is a setting
+    of its own in the cache key, and evaluation never asks for it (its numbers stay per triple).
     """
     raw_path = Path(raw_path)
     skip_invalid = recipe.data.skip_invalid if skip_invalid is None else skip_invalid
     settings = {"max_seq_len": recipe.data.max_seq_len, "truncation": recipe.data.truncation,
                 "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
-                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields}
+                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields,
+                "packing": packed}
     reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields)  # file-level checks first
     source_hash, tok_hash = file_hash(raw_path), tokenizer_hash(tokenizer)
     key = cache_key(source_hash, tokenizer_fingerprint(tokenizer, tok_hash), settings)
@@ -151,7 +238,12 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
         records: dict[str, list] = {name: [] for name in FEATURES}
         counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r: [records[k].append(r[k]) for k in records])
         _print_notices(counts["notices"])
-        return Prepared(Dataset.from_dict(records, features=FEATURES), {**manifest, **counts}, None)
+        dataset = Dataset.from_dict(records, features=FEATURES)
+        rows = pack_triples(dataset, recipe.data.max_seq_len) if packed else None
+        if rows is not None:
+            counts["packing"] = _packing_stats(rows, recipe.data.max_seq_len)
+            _print_notices([describe_packing(counts["packing"])])
+        return Prepared(dataset, {**manifest, **counts}, None, rows)
 
     final = Path(out_dir) if out_dir else Path(recipe.data.processed_dir) / f"{_safe_name(raw_path)}-{key}"
     cached = _load_cached(final, key)
@@ -165,6 +257,8 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
         if cached is None:
             raise DataError(f"{final}: the processed data just written cannot be read back; is the disk full?")
     _print_notices(cached.manifest.get("notices", []))
+    if packed:
+        _print_notices([describe_packing(cached.manifest["packing"])])
     return cached
 
 
@@ -180,8 +274,16 @@ def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, fina
         with ArrowWriter(features=FEATURES, path=str(rows_file)) as writer:
             counts, rejects = _tokenize_all(reader, tokenizer, settings, writer.write)
             writer.finalize()
-        Dataset.from_file(str(rows_file)).save_to_disk(str(building / "dataset"))
-        rows_file.unlink()
+        triples = Dataset.from_file(str(rows_file))
+        triples.save_to_disk(str(building / "dataset"))
+        if settings["packing"]:
+            rows = pack_triples(triples, settings["max_seq_len"])  # on disk: map writes beside rows.arrow
+            rows.save_to_disk(str(building / "packed"))
+            counts["packing"] = _packing_stats(rows, settings["max_seq_len"])
+            del rows
+        del triples
+        for scratch in [rows_file, *building.glob("cache-*.arrow"), *building.glob("tmp*")]:
+            scratch.unlink(missing_ok=True)
         rundir.atomic_write_text(building / "rejects.jsonl",
                                  "".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rejects))
         rundir.atomic_write_json(building / "manifest.json", {**manifest, **counts})
@@ -203,9 +305,15 @@ def _load_cached(out_dir: Path, key: str) -> Prepared | None:
         dataset = load_from_disk(str(out_dir / "dataset"))
         if len(dataset) != manifest.get("rows_kept") or set(dataset.column_names) != set(FEATURES):
             return None
+        packed = None
+        if manifest["settings"].get("packing"):
+            packed, stats = load_from_disk(str(out_dir / "packed")), manifest["packing"]
+            if (len(packed) != stats["rows"] or stats["triples"] != len(dataset)
+                    or set(packed.column_names) != set(PACKED_FEATURES)):
+                return None
     except Exception:  # whatever is wrong with an old cache (truncated JSON, bad Arrow), the answer is rebuild
         return None
-    return Prepared(dataset, manifest, out_dir)
+    return Prepared(dataset, manifest, out_dir, packed)
 
 
 def _check_replaceable(final: Path) -> None:

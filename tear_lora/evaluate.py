@@ -30,7 +30,7 @@ def _ppl(nll: float) -> float:
 
 
 @torch.no_grad()
-def span_nll(model, dataset, pad_token_id: int, batch_size: int = 8, chunk_size: int = 1024,
+def span_nll(model, dataset, pad_token_id: int, batch_size: int = 8, chunk_size: int = 256,
              desc: str = "eval") -> dict[str, float]:
     """Token-weighted mean NLL and perplexity per span over `dataset` (input_ids + span_roles rows)."""
     from tqdm import tqdm

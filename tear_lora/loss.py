@@ -48,18 +48,26 @@ class SpanTargets:
         return torch.stack([(self.weights.double() * is_response).sum(), (self.roles == WITNESS).sum().double()])
 
 
+def _next_token_weights(row_weights: torch.Tensor, span_roles: torch.Tensor) -> torch.Tensor:
+    """Weights aligned with the prediction targets `span_roles[:, 1:]`: [B] -> [B, 1] (one per row), [B, T] ->
+    [B, T-1] (one per token: packed rows, where each triple's tokens carry that triple's weight)."""
+    row_weights = row_weights.to(span_roles.device)
+    return row_weights[:, 1:] if row_weights.dim() == 2 else row_weights[:, None]
+
+
 def span_targets(input_ids: torch.Tensor, span_roles: torch.Tensor,
                  row_weights: torch.Tensor | None = None) -> SpanTargets:
     """Position t predicts token t+1; it carries a loss when token t+1 is in a response or witness span.
 
-    `row_weights` [B] (>= 0) weight each row's response targets; a row of weight 0 has no response targets.
+    `row_weights` (>= 0) weight the response targets: [B], one per row, or [B, T], one per token (packed rows); a
+    weight-0 response token is no target at all.
     """
     next_roles = span_roles[:, 1:]
     is_response = next_roles == RESPONSE
     if row_weights is None:
         mask = is_response | (next_roles == WITNESS)
     else:
-        row_weights = row_weights.to(span_roles.device)[:, None]
+        row_weights = _next_token_weights(row_weights, span_roles)
         mask = (is_response & (row_weights > 0)) | (next_roles == WITNESS)
     positions = mask.reshape(-1).nonzero(as_tuple=True)[0]
     targets = SpanTargets(positions, input_ids[:, 1:].reshape(-1)[positions], next_roles.reshape(-1)[positions])
@@ -70,14 +78,15 @@ def span_targets(input_ids: torch.Tensor, span_roles: torch.Tensor,
 
 
 def count_span_tokens(span_roles: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """[response, witness] target counts of a batch (the first token of a row is never a target). With
-    `row_weights` [B] the response count is weighted, sum_rows w * n_response, and both are float64."""
+    """[response, witness] target counts of a batch (the first token of a row is never a target; in a packed
+    row neither is any triple's first token, which the collator makes CONTEXT). With `row_weights` ([B] or
+    [B, T], as in `span_targets`) the response count is weighted, sum w * n_response, and both are float64."""
     next_roles = span_roles[:, 1:]
     is_response, is_witness = next_roles == RESPONSE, next_roles == WITNESS
     if row_weights is None:
         return torch.stack([is_response.sum(), is_witness.sum()])
-    weights = row_weights.to(span_roles.device).double()
-    return torch.stack([(is_response.sum(dim=1) * weights).sum(), is_witness.sum().double()])
+    weights = _next_token_weights(row_weights, span_roles).double()
+    return torch.stack([(is_response * weights).sum(), is_witness.sum().double()])
 
 
 def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer) -> torch.Tensor:
@@ -160,7 +169,7 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
-def token_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer, chunk_size: int = 1024,
+def token_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer, chunk_size: int = 256,
               fast: bool = True) -> torch.Tensor:
     """Per-token NLL of `targets` given `hidden` [N, H], one chunk of logits alive at a time.
 
@@ -195,7 +204,7 @@ class SpanLoss:
 
 
 def span_loss(hidden: torch.Tensor, targets: SpanTargets, output_layer, lambda_: float,
-              denominators: torch.Tensor | None = None, chunk_size: int = 1024) -> SpanLoss:
+              denominators: torch.Tensor | None = None, chunk_size: int = 256) -> SpanLoss:
     """ResponseLoss + lambda * ConsequenceLoss over the selected positions of `hidden` [B, T, H].
 
     `denominators` = [response, witness] token counts of the whole optimizer step (the response count weighted

@@ -207,7 +207,7 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
         tokenizer = load_tokenizer_for(recipe)
         with state.local_main_process_first():  # each node's first process builds the cache, the others reuse it
             with nullcontext() if state.is_local_main_process else redirect_stdout(io.StringIO()):  # notices once
-                train_data = prepare(recipe.data.train_file, tokenizer, recipe)
+                train_data = prepare(recipe.data.train_file, tokenizer, recipe, packed=recipe.data.packing)
                 eval_data = prepare(recipe.data.eval_file, tokenizer, recipe) if recipe.data.eval_file else None
         if main:
             _report_rejects(train_data, eval_data)
@@ -258,7 +258,7 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
             print(describe_response_weights(train_data.dataset, weights), flush=True)
     stop = StopOnSignal()
     trainer = TearTrainer(
-        model=model, args=args, train_dataset=train_data.dataset,
+        model=model, args=args, train_dataset=train_data.training_rows,  # packed rows with data.packing
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=tokenizer,
         data_collator=SpanCollator(tokenizer.pad_token_id, response_weight=weights), lambda_=recipe.objective.lambda_,
         lambda_warmup_steps=recipe.objective.lambda_warmup_steps, loss_chunk_size=recipe.objective.loss_chunk_size,

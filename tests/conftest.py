@@ -52,6 +52,39 @@ def make_recipe(tiny_model_dir: Path, tmp_path: Path, **sections):
     return recipe_from_dict(raw, source="tiny-cpu.yaml")
 
 
+# One SGD step with lr 1 moves each weight by exactly its gradient: the exactness tests compare those steps.
+SGD = {"optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
+       "max_steps": 1, "logging_steps": 1, "save_strategy": "no", "report_to": "none"}
+
+# Response-loss weights by valence for the tests that mix them (objective.response_weight).
+WEIGHTS = {"harmful": 0.0, "mixed": 0.5}
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def eval_rows(tmp_path_factory, tiny_model_dir):
+    """The bundled eval triples, tokenized for the tiny model (not cached on disk)."""
+    from tear_lora.data import prepare
+    from tear_lora.tokens import load_tokenizer
+
+    recipe = make_recipe(tiny_model_dir, tmp_path_factory.mktemp("rows"))
+    return prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(tiny_model_dir)), recipe, save=False).dataset
+
+
+@pytest.fixture(scope="module")
+def mixed_rows(eval_rows):
+    """8 triples: 3 harmful, 2 mixed, 3 helpful (response weights 0, 0.5, 1 under WEIGHTS)."""
+    import json
+
+    valences = [json.loads(meta)["valence"] for meta in eval_rows["meta"]]
+    pick = {"harmful": 3, "mixed": 2, "helpful": 3}
+    chosen = [i for v, n in pick.items() for i in [j for j, w in enumerate(valences) if w == v][:n]]
+    return eval_rows.select(chosen)
+
+
 @pytest.fixture()
 def recipe(tiny_model_dir, tmp_path):
     return make_recipe(tiny_model_dir, tmp_path)

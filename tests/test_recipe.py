@@ -105,6 +105,7 @@ def test_response_weight_overrides_and_hash(tmp_path):
     # the default leaves the hash as it was before the field existed: finished runs and sweeps still match
     trained = {k: v for k, v in default.to_dict().items() if k not in ("output", "distributed")}
     trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
+    trained["data"] = {k: v for k, v in trained["data"].items() if k != "packing"}  # likewise data.packing: false
     assert default.hash() == hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
     weighted = load_recipe(path, ["objective.response_weight.harmful=0", "objective.response_weight.mixed=0.5"])
     assert weighted.objective.response_weight == {"harmful": 0.0, "mixed": 0.5}

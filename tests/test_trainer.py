@@ -1,45 +1,15 @@
-import json
 
 import pytest
 import torch
 
-from tear_lora.data import prepare
 from tear_lora.tokens import structural_token_ids
 
-from .conftest import REPO, make_recipe, make_trainer, trainable_model
-
-SGD = {"optim": "sgd", "learning_rate": 1.0, "max_grad_norm": 0.0, "lr_scheduler_type": "constant",
-       "max_steps": 1, "logging_steps": 1, "save_strategy": "no", "report_to": "none"}
-
-
-def trainable_state(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@pytest.fixture(scope="module")
-def eval_rows(tmp_path_factory, tiny_model_dir):
-    from tear_lora.tokens import load_tokenizer
-
-    tmp = tmp_path_factory.mktemp("rows")
-    recipe = make_recipe(tiny_model_dir, tmp)
-    return prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(tiny_model_dir)), recipe, save=False).dataset
+from .conftest import SGD, WEIGHTS, make_recipe, make_trainer, trainable_model, trainable_state
 
 
 @pytest.fixture(scope="module")
 def eight_rows(eval_rows):
     return eval_rows.select(range(8))  # all helpful
-
-
-@pytest.fixture(scope="module")
-def mixed_rows(eval_rows):
-    """8 rows: 3 harmful, 2 mixed, 3 helpful (response weights 0, 0.5, 1 under WEIGHTS)."""
-    valences = [json.loads(meta)["valence"] for meta in eval_rows["meta"]]
-    pick = {"harmful": 3, "mixed": 2, "helpful": 3}
-    chosen = [i for v, n in pick.items() for i in [j for j, w in enumerate(valences) if w == v][:n]]
-    return eval_rows.select(chosen)
-
-
-WEIGHTS = {"harmful": 0.0, "mixed": 0.5}
 
 
 @pytest.mark.parametrize("lam,four_bit,weights", [(1.0, False, None), (0.3, False, None), (1.0, True, None),
