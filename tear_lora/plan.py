@@ -3,8 +3,9 @@
 Why a formula instead of a trial run: a run that does not fit dies minutes in (after the download and the
 4-bit load), and the user learns nothing about which knob to turn. The estimate is the sum of what is alive
 at the step's worst moment, term by term, so the report says where the memory goes. The per-token activation
-terms were checked against saved-tensor counts of a real Qwen3-1.7B-shaped 4-bit LoRA layer (within ~3%) and
-the whole estimate against measured training runs (README, Performance).
+terms were checked against saved-tensor counts of a real Qwen3-1.7B-shaped 4-bit LoRA layer (within ~3%;
+scripts/bench/bench_layer.py) and the whole estimate against measured training runs up to 32k tokens
+(docs/performance.md).
 
 The config comes from a local model dir, the HF cache, a copy shipped in `tear_lora/configs/` for known bases
 (checked before the network: a plan must work offline, and an unreachable hub costs ~30 s of retries), or
@@ -134,17 +135,24 @@ def _sizes(recipe: Recipe, shape: Shape) -> dict[str, float]:
             "row_params": N_STRUCTURAL_TOKENS * shape.hidden * (1 if shape.tied else 2)}
 
 
-def layer_bytes_per_token(shape: Shape, act: int, dropout: float, lora_on: set[str]) -> tuple[int, int]:
-    """(saved for backward, transient in backward) per token of one decoder layer, recomputed under checkpointing.
+def layer_bytes_per_token(shape: Shape, act: int, dropout: float, lora_on: set[str],
+                          kv_repeated: bool = True) -> tuple[int, int]:
+    """(saved for backward, transient on top) per token of one decoder layer, recomputed under checkpointing.
 
-    Saved: both RMSNorms' fp32 inputs, q/k-norm fp32 inputs (Qwen3), SDPA's q, k, v, out with k/v repeated to
-    all heads (transformers does so for padded batches), the MLP's gate, up and SiLU outputs, and per LoRA
-    module its input (a dropout copy and mask each when dropout > 0; the 4-bit base saves none).
-    Transient: the MLP and hidden-width gradients alive while the layer's backward runs.
+    Saved: both RMSNorms' fp32 inputs, q/k-norm fp32 inputs (Qwen3), SDPA's q, k, v, out, with k/v repeated to
+    all heads when `kv_repeated` (transformers repeats them whenever it passes SDPA a mask; without one SDPA does
+    grouped-query attention itself), the MLP's gate, up and SiLU outputs, and per LoRA module its input (a
+    dropout copy and mask each when dropout > 0; the 4-bit base saves none).
+    Transient: the larger of what the layer's recomputed forward and its backward hold beyond the saved tensors.
+    The forward's peak is in the MLP: an intermediate-width tensor, and with LoRA dropout also the SiLU product
+    (down_proj's input, which only its dropout copy outlives) and two hidden-width ones (PEFT's clone of the 4-bit
+    output, the LoRA sum). The backward's is the MLP and hidden-width gradients. Measured on one Qwen3-1.7B-shaped
+    layer at 4096 tokens (scripts/bench/bench_layer.py): forward 32.7 KB/token with dropout 0.05 and 12.3 KB
+    without, backward 24.5 KB; counting only the backward's left the long-context slope 7% under the measured one.
     """
     h, q, i = shape.hidden, shape.heads * shape.head_dim, shape.intermediate
     kv = shape.kv_heads * shape.head_dim
-    saved = 2 * 4 * h + 4 * q * act + 3 * i * act
+    saved = 2 * 4 * h + 2 * (q + (q if kv_repeated else kv)) * act + 3 * i * act
     if shape.model_type.startswith("qwen3"):
         saved += 4 * (q + kv)
     inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
@@ -153,7 +161,28 @@ def layer_bytes_per_token(shape: Shape, act: int, dropout: float, lora_on: set[s
     else:  # one saved input per distinct input tensor
         groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
         saved += sum(act * inputs[g[0]] for g in groups if lora_on & set(g))
-    return saved, (i + 3 * h) * act
+    forward = i + (i + 2 * h if dropout > 0 else 0)
+    return saved, max(forward, i + 3 * h) * act
+
+
+def attention_mask_bytes(recipe: Recipe, micro_batch: int, seq_len: int, act: int) -> int:
+    """The [micro_batch, 1, T, T] attention mask the model builds once per forward, 0 when it builds none. It is
+    alive for the whole step: every checkpointed layer keeps it as an input.
+
+    transformers 5 (masking_utils.sdpa_mask) skips the mask when nothing is masked beyond causality, and SDPA then
+    runs with `is_causal` (and grouped-query attention natively). One row is never padded (the collator pads to
+    the longest row of the batch), so micro-batch 1 has no mask; with several rows the shorter ones are padded
+    (the estimate takes the worst case), and packed rows (data.packing) need the block-diagonal one. Eager
+    attention always builds one, in the activation dtype; flash attention never does. Quadratic in seq_len: at
+    32k tokens a bool mask is 1 GiB per row.
+    """
+    attn = recipe.model.attn_implementation or "sdpa"
+    if "flash" in attn:
+        return 0
+    if attn == "eager":
+        return micro_batch * seq_len * seq_len * act
+    packed = bool(getattr(recipe.data, "packing", False))
+    return micro_batch * seq_len * seq_len if micro_batch > 1 or packed else 0
 
 
 def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
@@ -176,6 +205,7 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
     quant_bytes = s["linear_params"] * ((1 / 64 + 4 / (64 * 256)) if m.double_quant else 4 / 64) if m.load_in_4bit else 0
     matrix = v * h * s["weight"]  # the input embedding; an untied output layer is another one
     trainable_bytes = (s["lora_params"] + s["row_params"]) * (2 * s["trainable"] + s["optimizer"])
+    mask = attention_mask_bytes(recipe, micro_batch, seq_len, act)
     static = {
         "base linear weights (4-bit)" if m.load_in_4bit else "base linear weights": linear_bytes * share,
         "quantization state": quant_bytes * share,
@@ -185,15 +215,15 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
             (1 + share) if shape.tied else (share + 1 + share)) if fsdp else matrix * (1 if shape.tied else 2),
         "norms": (shape.layers * (2 * h + 2 * shape.head_dim) + h) * s["weight"] * share,
         "LoRA + token rows: weights, grads, optimizer": trainable_bytes * share,
-        "checkpointed layer inputs": shape.layers * tokens * h * act + micro_batch * seq_len * seq_len
-        + tokens * shape.head_dim * 2 * 4,  # + the padded batch's 4D bool mask, rotary cos/sin
+        "checkpointed layer inputs": shape.layers * tokens * h * act + mask
+        + tokens * shape.head_dim * 2 * 4,  # + the attention mask (if any), rotary cos/sin
     }
     if fsdp:
         static["FSDP: two decoder layers whole (running + prefetched)"] = 2 * (linear_bytes + quant_bytes) / shape.layers
     elif nproc > 1:
         static["DDP gradient buckets"] = (s["lora_params"] + s["row_params"]) * s["trainable"]
     lora_on = set(shape.linears()) if recipe.lora.target_modules == "all-linear" else set(recipe.lora.target_modules)
-    saved, transient = layer_bytes_per_token(shape, act, recipe.lora.dropout, lora_on)
+    saved, transient = layer_bytes_per_token(shape, act, recipe.lora.dropout, lora_on, kv_repeated=mask > 0)
     max_linear = max(i * o for i, o in shape.linears().values())
     chunk = min(recipe.objective.loss_chunk_size, tokens)
     phases = {
@@ -237,7 +267,9 @@ def plan(recipe: Recipe, config: dict | None = None, source: str = "given config
     best = 0
     while best < MAX_MICRO_BATCH and card_bytes(estimate(recipe, shape, best + 1, seq_len, nproc)[2]) <= gpu:
         best += 1
-    notes = [f"seq_len = data.max_seq_len = {seq_len} (the worst case: batches pad to their longest row)"]
+    notes = [f"seq_len = data.max_seq_len = {seq_len} (data.packing: packed rows are nearly that long)"
+             if recipe.data.packing else
+             f"seq_len = data.max_seq_len = {seq_len} (the worst case: batches pad to their longest row)"]
     sharding = "none" if nproc == 1 else "fsdp" if recipe.distributed.fsdp else "ddp"
     if sharding == "fsdp":
         notes.append("FSDP: each rank first loads the whole 4-bit base, then shards it; that load-time peak is "
@@ -246,6 +278,9 @@ def plan(recipe: Recipe, config: dict | None = None, source: str = "given config
         notes.append("DDP: every rank holds the whole model; set distributed.fsdp: true to shard it")
     if shape.vocab > 2**16 and recipe.objective.loss_chunk_size > 4096:
         notes.append("objective.loss_chunk_size above 4096 buys little speed for a lot of memory")
+    if recipe.model.attn_implementation == "eager":
+        notes.append("eager attention also keeps [micro-batch, heads, T, T] attention weights per layer in backward, "
+                     "which this estimate leaves out (quadratic in seq_len); sdpa or flash_attention_2 do not")
     return Plan(micro_batch, seq_len, components, phase, peak, card_bytes(peak), gpu, best, source, notes, nproc,
                 sharding)
 

@@ -58,3 +58,88 @@ def test_bench_train_tiny_runs_both_trainers(tmp_path):
     assert {r["trainer"] for r in rows} == {"tear", "stock"}
     assert all("error" not in r and r["tokens_per_s"] > 0 and r["rss_peak_train_bytes"] > 0 for r in rows)
     assert rows[0]["plan_peak_allocated_bytes"] > 0
+
+
+def test_gpu_suite_smoke_runs_every_stage_end_to_end(tmp_path):
+    """`gpu_suite.sh --device cpu --smoke`: every stage the GPU run has, on tiny shapes, down to the markdown page,
+    so the one GPU command cannot rot between GPU runs; and a smoke run writes nothing into docs/bench."""
+    docs = {p: p.stat().st_mtime_ns for p in (REPO / "docs/bench").iterdir()}
+    out = tmp_path / "suite"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "scripts/bench/gpu_suite.sh"), "--device", "cpu", "--smoke", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    suite = json.loads((out / "suite_cpu.json").read_text())
+    assert suite["smoke"] is True
+    assert {s["stage"]: s["status"] for s in suite["stages"]} == {
+        "loss": "ok", "layer": "ok", "train": "ok", "recipe": "ok", "long": "ok", "multi": "skipped (0 GPUs)"}
+    (loss,) = json.loads((out / "loss_cpu.json").read_text())
+    assert loss["impl"] == "chunked" and loss["peak_bytes"] >= 0
+    layer = json.loads((out / "layer_cpu.json").read_text())
+    assert layer["tokens"] == 32 and layer["measured_saved_bytes_per_token"] > 0 < layer["plan_saved_bytes_per_token"]
+    train = json.loads((out / "train_qwen3-1.7b_seq2048_cpu.json").read_text())
+    assert sorted(r["trainer"] for r in train) == ["stock", "tear"] and all("error" not in r for r in train)
+    recipe = json.loads((out / "recipe_qwen3-1.7b-base_cpu.json").read_text())
+    assert recipe[0]["mode"] == "padded" and recipe[0]["steps"] == 1 and recipe[0]["real_tokens"] > 0
+    assert recipe[0]["plan_card_bytes"] > recipe[0]["plan_peak_allocated_bytes"] > 0
+    packed = recipe[1]  # each mode in its own process; the packed rows carry less padding than the padded ones
+    assert packed["mode"] == "packed" and packed["real_tokens"] / packed["positions"] > (
+        recipe[0]["real_tokens"] / recipe[0]["positions"])
+    long = json.loads((out / "long_context_cpu.json").read_text())
+    (point,) = long["points"]
+    assert point["seq"] == 256 and point["micro_batch"] == 1 and point["traced_peak_allocated_bytes"] > 0
+    assert point["plan_full_peak_allocated_bytes"] == point["plan_peak_allocated_bytes"]  # tiny: all layers ran
+    page = (out / "gpu_suite_cpu.md").read_text()
+    for heading in ("## Loss layer", "## One decoder layer", "## Training vs stock", "## The 16 GB recipe", "## Long context", "## multi: not run"):
+        assert heading in page
+    assert {p: p.stat().st_mtime_ns for p in (REPO / "docs/bench").iterdir()} == docs
+
+
+def load_bench_module(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts/bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "scripts/bench"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "scripts/bench"))
+    return module
+
+
+def test_suite_page_shows_failed_and_missing_stages(tmp_path):
+    """A failed run or a stage that never ran is on the page with its reason, not silently dropped."""
+    table = load_bench_module("gpu_suite_table")
+    (tmp_path / "train_qwen3-1.7b_seq2048_cuda.json").write_text(json.dumps([
+        {"trainer": "tear", "micro_batch": 8, "seq": 2048, "peak_allocated_bytes": 3 * 2**30, "tokens_per_s": 900.0,
+         "mfu": 0.3, "plan_peak_allocated_bytes": 3.3 * 2**30},
+        {"trainer": "stock", "micro_batch": 8, "seq": 2048, "error": "CUDA out of memory"}]))
+    (tmp_path / "recipe_qwen3-1.7b-base_cuda.json").write_text(json.dumps([
+        {"mode": "padded", "steps": 20, "micro_batch": 8, "max_seq_len": 1024, "peak_allocated_bytes": 4 * 2**30,
+         "peak_reserved_bytes": 5 * 2**30, "plan_peak_allocated_bytes": 4.2 * 2**30, "plan_card_bytes": 5 * 2**30,
+         "plan_fits": True, "time_per_step_s": 1.5, "real_tokens_per_s": 5000.0},
+        {"mode": "packed", "skipped": "this tear_lora has no data.packing"}]))
+    page = table.render(tmp_path, "cuda")
+    assert "| 2048 × 8 | stock: CUDA out of memory |" in page
+    assert "| padded | 20 | 8 × 1024 | 4.00 | 5.00 | 4.20 | 1.05 | 5.00 (yes) | 1.5 | 5000.0 |" in page
+    assert "| packed | this tear_lora has no data.packing |" in page
+    assert "## loss: not run" in page and "## long: not run" in page
+
+
+def test_long_context_extrapolates_each_point_by_the_plans_per_layer_bytes():
+    lc = load_bench_module("bench_long_context")
+    gib = 2**30
+    rows = [{"seq": 4096, "layers": 2, "traced_peak_allocated_bytes": 2 * gib, "plan_peak_allocated_bytes": 2.2 * gib,
+             "plan_full_peak_allocated_bytes": 2.2 * gib + 26 * 0.05 * gib},
+            {"seq": 8192, "layers": 2, "traced_peak_allocated_bytes": 3 * gib, "plan_peak_allocated_bytes": 3.0 * gib,
+             "plan_full_peak_allocated_bytes": 3.0 * gib + 26 * 0.1 * gib},
+            {"seq": 16384, "layers": 2, "error": "killed (out of memory?)"}]
+    slope = {"seq": 4096}
+    lc.extrapolate(rows, 28, slope)
+    assert rows[0]["measured_full_bytes"] == round(2 * gib + 26 * 0.05 * gib)
+    assert rows[1]["plan_full_over_measured_full"] == 1.0 and rows[1]["measured_full_is_extrapolated"]
+    assert slope["plan_per_layer_bytes"] == round(0.05 * gib)
+    assert "measured_full_bytes" not in rows[2]
+    (growth,) = lc.marginal_bytes_per_token(rows)
+    assert (growth["from_seq"], growth["to_seq"], growth["measured"]) == (4096, 8192, gib // 4096)

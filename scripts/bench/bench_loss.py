@@ -186,6 +186,9 @@ def main(argv=None) -> int:
                     row = measure(impl, n, args.chunk, args.dtype, "cuda", args.repeat, args.vocab, args.hidden)
                 except torch.cuda.OutOfMemoryError:
                     row = {"impl": impl, "tokens": n, "peak_bytes": None, "time_s": None, "skipped": "out of memory"}
+                except Exception as e:  # e.g. TRL's Triton kernel on a machine without Triton: record, go on
+                    row = {"impl": impl, "tokens": n, "peak_bytes": None, "time_s": None,
+                           "skipped": f"failed: {type(e).__name__}: {str(e)[-300:]}"}
                 torch.cuda.empty_cache()
             row.setdefault("predicted_bytes", predicted)
             rows.append(row)

@@ -14,7 +14,9 @@ prompt/completion (completion_only_loss: the response and witness carry the loss
 Each (trainer, micro-batch) runs in a fresh subprocess. Timing: optimizer steps after the first (warm-up).
 Memory, CUDA: max_memory_allocated / max_memory_reserved over training (weights included). CPU: the peak
 resident set during training (VmHWM, reset through /proc/self/clear_refs before `train()`) and the resident set
-before the model loaded; their difference is what compares with the plan's estimate.
+before the model loaded; with --trace-memory also the profiler's traced torch allocations (traced_train), which is
+what compares with the plan's estimate, and with --cuda-like a CPU step keeps for backward what a CUDA step would
+(emulate_cuda_saved_tensors). --replan JSON recomputes the plan figures of an earlier run after the plan changed.
 """
 
 from __future__ import annotations
@@ -146,6 +148,30 @@ def traced_train(trainer, model):
     return result, static + peak
 
 
+def emulate_cuda_saved_tensors() -> None:
+    """Make a CPU step keep for backward what the same step keeps on CUDA, by undoing two CPU-only differences
+    (`--cuda-like`; the long-context plan check uses it, docs/performance.md):
+
+    1. PEFT copies each LoRA input to the adapter's fp32 unless `torch.is_autocast_enabled()` is true, and that
+       call, made without a device, asks about CUDA only: under CPU autocast every LoRA input (and so its dropout
+       copy) is kept in fp32. Here the device-less call also sees CPU autocast, as it sees CUDA's on a GPU.
+    2. CPU dropout multiplies by a noise tensor in the input's dtype and keeps it for backward; CUDA's fused kernel
+       keeps a bool mask. Here dropout goes through `torch.native_dropout`, which keeps the bool mask on CPU too.
+    Both change only what is saved, not the values' distribution: the loss stays a random-weight loss."""
+    import torch
+
+    is_enabled = torch.is_autocast_enabled
+
+    def autocast_enabled(device_type=None):
+        return is_enabled(device_type) if device_type is not None else (is_enabled() or is_enabled("cpu"))
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        return torch.native_dropout(input, p, True)[0] if training and p > 0 else input
+
+    torch.is_autocast_enabled = autocast_enabled
+    torch.nn.functional.dropout = dropout
+
+
 def bench_recipe(model_dir: Path, args, micro_batch: int, cuda: bool):
     from tear_lora.recipe import load_recipe
 
@@ -169,6 +195,8 @@ def worker(args) -> dict:
     import tear_lora.trainer  # noqa: F401
 
     cuda = args.device == "cuda"
+    if args.cuda_like and not cuda:
+        emulate_cuda_saved_tensors()
     model_dir, micro_batch = Path(args.model_dir), args.micro_batch[0]
     base_rss = rss("VmRSS")
     recipe = bench_recipe(model_dir, args, micro_batch, cuda)
@@ -229,7 +257,8 @@ def worker(args) -> dict:
     row = {"trainer": args.trainer, "shape": args.shape, "layers": shape_config(args.shape, args.layers).num_hidden_layers,
            "seq": args.seq, "micro_batch": micro_batch, "steps": len(timer.times), "step_times_s": timer.times,
            "time_per_step_s": round(step_s, 4), "tokens_per_s": round(micro_batch * args.seq / step_s, 1),
-           "train_loss": round(result.training_loss, 4), "device": args.device, "chunk": args.chunk}
+           "train_loss": round(result.training_loss, 4), "device": args.device, "chunk": args.chunk,
+           "cuda_like": bool(args.cuda_like and not cuda)}
     if cuda:
         from trl.trainer.utils import compute_flops_per_token
 
@@ -254,6 +283,42 @@ def worker(args) -> dict:
     return row
 
 
+def run_one(model_dir: Path, trainer: str, micro_batch: int, args) -> dict:
+    """One (trainer, micro-batch) run in a fresh worker process: its row, or {"error": ...} when it failed.
+
+    A fresh process per run: CPU peak RSS never goes down, and on CUDA nothing of one run's allocator state
+    carries into the next. `args` are this script's parsed arguments (bench_long_context passes its own)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--trainer", trainer, "--model-dir",
+           str(model_dir), "--micro-batch", str(micro_batch), "--shape", args.shape, "--seq", str(args.seq),
+           "--steps", str(args.steps), "--device", args.device, "--chunk", str(args.chunk)]
+    for flag, value in (("--layers", args.layers), ("--optim", args.optim), ("--peak-tflops", args.peak_tflops)):
+        cmd += [flag, str(value)] if value is not None else []
+    cmd += ["--trace-memory"] if args.trace_memory else []
+    cmd += ["--cuda-like"] if getattr(args, "cuda_like", False) else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    found = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
+    if found:
+        return json.loads(found[-1][10:])
+    why = "killed (out of memory?)" if proc.returncode in (-9, 137) else (proc.stderr.strip() or "failed")[-600:]
+    return {"trainer": trainer, "micro_batch": micro_batch, "seq": args.seq, "error": why}
+
+
+def replan(rows: list[dict]) -> list[dict]:
+    """Rows of an earlier run with each `tear` row's plan figures recomputed by the plan as it is now (`--replan`):
+    the measurements stand, the estimate changed."""
+    from tear_lora.plan import plan
+
+    for row in rows:
+        if row.get("trainer") != "tear" or "error" in row:
+            continue
+        cuda = row["device"] == "cuda"
+        args = argparse.Namespace(seq=row["seq"], chunk=row["chunk"], steps=row["steps"], optim=None)
+        recipe = bench_recipe(Path("unused"), args, row["micro_batch"], cuda)
+        p = plan(recipe, config=shape_config(row["shape"], row["layers"]).to_dict(), source=row["shape"])
+        row |= {"plan_peak_allocated_bytes": p.peak_allocated, "plan_card_bytes": p.card_bytes, "plan_phase": p.phase}
+    return rows
+
+
 def fmt_gb(b):
     return f"{b / 2**30:7.2f}" if b is not None else f"{'-':>7s}"
 
@@ -267,17 +332,27 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps (the first is warm-up, not timed)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--trainers", default="tear,stock")
-    parser.add_argument("--chunk", type=int, default=1024, help="objective.loss_chunk_size for ours")
+    parser.add_argument("--chunk", type=int, default=256, help="objective.loss_chunk_size for ours")
     parser.add_argument("--optim", help="override the optimizer (default paged_adamw_8bit on CUDA, adamw_torch CPU)")
     parser.add_argument("--peak-tflops", type=float, help="GPU bf16 dense peak for MFU (default: from the name)")
     parser.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "tear_lora_bench_models"))
     parser.add_argument("--trace-memory", action="store_true",
                         help="CPU: also trace torch allocations with the profiler (slows the steps down)")
+    parser.add_argument("--cuda-like", action="store_true",
+                        help="CPU: keep for backward what CUDA keeps (emulate_cuda_saved_tensors), for plan checks")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--trainer", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--replan", metavar="JSON", help="recompute the plan figures of an earlier run's JSON (in "
+                        "place, or into --json) without measuring again")
     args = parser.parse_args(argv)
+    if args.replan:
+        rows = replan(json.loads(Path(args.replan).read_text()))
+        Path(args.json or args.replan).write_text(json.dumps(rows, indent=1))
+        for row in rows:
+            print_row(row, row.get("device", "cpu"))
+        return 0
     if args.device is None:
         import torch
 
@@ -290,22 +365,13 @@ def main(argv=None) -> int:
     results = []
     for mb in args.micro_batch:
         for trainer in args.trainers.split(","):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--trainer", trainer, "--model-dir",
-                   str(model_dir), "--micro-batch", str(mb), "--shape", args.shape, "--seq", str(args.seq),
-                   "--steps", str(args.steps), "--device", args.device, "--chunk", str(args.chunk)]
-            for flag, value in (("--layers", args.layers), ("--optim", args.optim), ("--peak-tflops", args.peak_tflops)):
-                cmd += [flag, str(value)] if value is not None else []
-            cmd += ["--trace-memory"] if args.trace_memory else []
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
-            found = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
-            row = json.loads(found[-1][10:]) if found else {
-                "trainer": trainer, "micro_batch": mb, "error": (proc.stderr.strip() or "killed")[-600:]}
+            row = run_one(model_dir, trainer, mb, args)
             results.append(row)
             print_row(row, args.device)
+            if args.json:  # after every run: a suite that stops this script early keeps what it measured
+                Path(args.json).write_text(json.dumps(results, indent=1))
     print_ratios(results, args.device)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0
+    return 1 if any("error" in r for r in results) else 0
 
 
 def print_row(row: dict, device: str) -> None:
