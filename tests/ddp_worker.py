@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from tear_lora.data import prepare
+from tear_lora.data import pack_triples, prepare
 from tear_lora.distributed import full_trainable_state, shard_fsdp, teardown
 from tear_lora.template import CONTEXT, WITNESS
 from tear_lora.tokens import load_tokenizer
@@ -53,15 +53,24 @@ def rows(model_dir: Path, work: Path, unequal: bool):
     return dataset.map(drop_witness, with_indices=True)
 
 
+@functools.cache
+def packed_rows(model_dir: Path, work: Path):
+    """4 packed rows (data.packing: whole triples, 2-3 to a row, rows of unequal length and span counts): two
+    optimizer steps of 2 rows."""
+    recipe = make_recipe(model_dir, work)
+    dataset = prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(model_dir)), recipe, save=False).dataset
+    return pack_triples(dataset.select(range(12)), 256).select(range(4))
+
+
 def train_case(model_dir: Path, out: Path, case: str, micro: int, accum: int, unequal: bool,
-               fsdp: bool = False) -> None:
+               fsdp: bool = False, packed: bool = False) -> None:
     from safetensors.torch import save_file
 
     recipe = make_recipe(model_dir, out / "work", lora={"dropout": 0.0}, distributed={"fsdp": fsdp},
                          training={**TRAINING, "per_device_train_batch_size": micro,
                                    "gradient_accumulation_steps": accum})
     tokenizer = load_tokenizer(str(model_dir))
-    data = rows(model_dir, out / "work", unequal)
+    data = packed_rows(model_dir, out / "work") if packed else rows(model_dir, out / "work", unequal)
     model = trainable_model(recipe, tokenizer, seed=11)
     if fsdp:
         shard_fsdp(model, PartialState())
@@ -90,6 +99,10 @@ def main(model_dir: str, out_dir: str, untied_dir: str | None = None) -> None:
         else:
             for name, (micro, accum) in LAYOUTS.items():
                 train_case(model_dir, out, f"{name}{suffix}", micro, accum, unequal)
+    if args.world_size > 1:  # packed rows: 2 ranks x 1 row == 1 process x 1 row x accumulation 2
+        train_case(model_dir, out, "packed-2x1", 1, 1, False, packed=True)
+    else:
+        train_case(model_dir, out, "packed-1x1x2", 1, 2, False, packed=True)
     if untied_dir:  # an untied output layer: FSDP shards the input embedding as a unit of its own
         if args.world_size > 1:
             train_case(Path(untied_dir), out, "untied-fsdp2x2", 2, 1, False, fsdp=True)

@@ -77,6 +77,19 @@ def test_two_ranks_equal_one_process(worker_results, suffix):
         assert ref_log["logs"][0]["witness_tokens"] < plain[0]["witness_tokens"]
 
 
+def test_packed_rows_on_two_ranks_equal_one_process(worker_results):
+    """data.packing under DDP: 2 ranks x 1 packed row == 1 process x 1 row x accumulation 2, two SGD steps. The
+    rows hold different numbers of triples and targets, so the all-reduced span counts are what makes them equal."""
+    ref = load_file(worker_results / "packed-1x1x2.safetensors")
+    assert_same_tensors(ref, load_file(worker_results / "packed-2x1.safetensors"), 1e-5)
+    ref_log = json.loads((worker_results / "packed-1x1x2.json").read_text())["logs"]
+    log = json.loads((worker_results / "packed-2x1.json").read_text())["logs"]
+    assert len(log) == len(ref_log) == 2
+    for got, want in zip(log, ref_log):
+        assert got["response_tokens"] == want["response_tokens"] and got["witness_tokens"] == want["witness_tokens"]
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
 REFERENCE = {"training": {"max_steps": 3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
                           "save_strategy": "no", "seed": 11},
              "lora": {"dropout": 0.0}, "data": {"eval_file": None}, "output": {"run_name": "reference"}}
