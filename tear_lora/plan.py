@@ -181,8 +181,7 @@ def attention_mask_bytes(recipe: Recipe, micro_batch: int, seq_len: int, act: in
         return 0
     if attn == "eager":
         return micro_batch * seq_len * seq_len * act
-    packed = bool(getattr(recipe.data, "packing", False))
-    return micro_batch * seq_len * seq_len if micro_batch > 1 or packed else 0
+    return micro_batch * seq_len * seq_len if micro_batch > 1 or recipe.data.packing else 0
 
 
 def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
