@@ -246,6 +246,26 @@ def logit_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, f
             "top1_matches": int((ref.argmax(-1) == oth.argmax(-1)).sum()), "positions": ref.shape[0]}
 
 
+def agreement_over_rows(reference, other, rows, device) -> dict[str, float]:
+    """Both models over each row (a list of token ids, one sequence at a time): positions, max |Δlogit|, mean KL
+    and top-1 agreement of `other` against `reference` over every position."""
+    totals = {"max_abs_logit": 0.0, "kl_sum": 0.0, "top1_matches": 0, "positions": 0}
+    with torch.no_grad():
+        for ids in rows:
+            ids = torch.tensor([ids], device=device)
+            part = logit_agreement(reference(input_ids=ids).logits[0], other(input_ids=ids).logits[0])
+            totals = {k: max(totals[k], part[k]) if k == "max_abs_logit" else totals[k] + part[k] for k in totals}
+    positions = max(totals["positions"], 1)
+    return {"positions": totals["positions"], "max_abs_logit": totals["max_abs_logit"],
+            "mean_kl": totals["kl_sum"] / positions, "top1_agreement": totals["top1_matches"] / positions}
+
+
+def within_tolerance(result: dict, tolerance: dict) -> bool:
+    """mean KL, top-1 agreement and max |Δlogit| within their bounds (a max |Δlogit| bound of None: not bounded)."""
+    return (result["mean_kl"] <= tolerance["mean_kl"] and result["top1_agreement"] >= tolerance["top1"]
+            and (tolerance["max_abs_logit"] is None or result["max_abs_logit"] <= tolerance["max_abs_logit"]))
+
+
 def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | None = None,
            rows: int = DEFAULT_VERIFY_ROWS, base: str | None = None, trust_remote_code: bool = False) -> dict:
     """Logits of the 4-bit base + adapter (what was trained) vs the merged directory, on the eval set.
@@ -283,20 +303,11 @@ def _verify(adapter_dir, merged_dir: Path, data, rows: int, base, trust_remote_c
     dataset = dataset.select(range(min(rows, len(dataset))))
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map=reference.model.device,
                                                   trust_remote_code=trust_remote_code).eval()
-    totals = {"max_abs_logit": 0.0, "kl_sum": 0.0, "top1_matches": 0, "positions": 0}
-    with torch.no_grad():
-        for row in tqdm(dataset, desc="verify", unit="row"):
-            ids = torch.tensor([row["input_ids"]], device=reference.model.device)
-            part = logit_agreement(reference.model(input_ids=ids).logits[0], merged(input_ids=ids).logits[0])
-            totals = {k: max(totals[k], part[k]) if k == "max_abs_logit" else totals[k] + part[k] for k in totals}
+    rows_ids = (row["input_ids"] for row in tqdm(dataset, desc="verify", unit="row"))
+    agreement = agreement_over_rows(reference.model, merged, rows_ids, reference.model.device)
     dtype = read_metadata(merged_dir)["merged"]["dtype"]
-    result = {"rows": len(dataset), "positions": totals["positions"], "max_abs_logit": totals["max_abs_logit"],
-              "mean_kl": totals["kl_sum"] / max(totals["positions"], 1),
-              "top1_agreement": totals["top1_matches"] / max(totals["positions"], 1),
-              "dtype": dtype, "tolerance": TOLERANCES[dtype]}
-    tol = TOLERANCES[dtype]
-    result["passed"] = (result["max_abs_logit"] <= tol["max_abs_logit"] and result["mean_kl"] <= tol["mean_kl"]
-                        and result["top1_agreement"] >= tol["top1"])
+    result = {"rows": len(dataset), **agreement, "dtype": dtype, "tolerance": TOLERANCES[dtype]}
+    result["passed"] = within_tolerance(result, TOLERANCES[dtype])
     gguf_files = read_metadata(merged_dir)["merged"].get("gguf") or {}
     if gguf_files:  # `passed` stays the merge's own verdict; each GGUF carries its own
         del reference  # the 4-bit model: the GGUFs are compared with the merged model only

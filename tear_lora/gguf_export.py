@@ -263,7 +263,7 @@ def logit_bounds(outtype: str, merge_tolerances: dict) -> dict:
 def verify_gguf(path: str | Path, outtype: str, merged_dir: str | Path, merged_model, tokenizer,
                 rows: list[list[int]], merge_tolerances: dict) -> dict:
     """Tokens, tensors, tag rows and logits of one GGUF against the merged model it was converted from."""
-    from .export import logit_agreement
+    from .export import agreement_over_rows, within_tolerance
 
     path, merged_dir = Path(path), Path(merged_dir)
     device = next(merged_model.parameters()).device
@@ -283,23 +283,12 @@ def verify_gguf(path: str | Path, outtype: str, merged_dir: str | Path, merged_m
         tag_rows_ok = tag_rows_ok and diff <= TENSOR_BOUNDS[outtype] * float(want.abs().max()) + 2.0**-24
     model = load_gguf_model(path, merged_dir, merged_model.dtype, device)
     result["tensors"] = compare_tensors(model, merged_dir, outtype)
-    totals = {"max_abs_logit": 0.0, "kl_sum": 0.0, "top1_matches": 0, "positions": 0}
-    with torch.no_grad():
-        for ids in rows:
-            ids = torch.tensor([ids], device=device)
-            part = logit_agreement(merged_model(input_ids=ids).logits[0], model(input_ids=ids).logits[0])
-            totals = {k: max(totals[k], part[k]) if k == "max_abs_logit" else totals[k] + part[k] for k in totals}
+    agreement = agreement_over_rows(merged_model, model, rows, device)
     del model
-    positions = max(totals["positions"], 1)
     bounds = logit_bounds(outtype, merge_tolerances)
-    result["logits"] = {"rows": len(rows), "positions": totals["positions"], "max_abs_logit": totals["max_abs_logit"],
-                        "mean_kl": totals["kl_sum"] / positions, "top1_agreement": totals["top1_matches"] / positions,
-                        "tolerance": bounds}
-    logits = result["logits"]
-    logits_ok = (logits["mean_kl"] <= bounds["mean_kl"] and logits["top1_agreement"] >= bounds["top1"]
-                 and (bounds["max_abs_logit"] is None or logits["max_abs_logit"] <= bounds["max_abs_logit"]))
+    result["logits"] = {"rows": len(rows), **agreement, "tolerance": bounds}
     result["passed"] = (all(result["tokens"]["checks"].values()) and tag_rows_ok and result["tensors"]["passed"]
-                        and logits_ok)
+                        and within_tolerance(agreement, bounds))
     return result
 
 

@@ -127,6 +127,10 @@ class HardwareConfig:
 
 
 # Training keys tear_lora derives itself; setting them in the recipe would be silently ignored otherwise.
+# Fields added after runs were already hashed: left out of Recipe.hash while at their default (no response
+# weights, padded rows), so sweeps still recognise those runs.
+HASH_NEUTRAL_DEFAULTS = (("objective", "response_weight"), ("data", "packing"))
+
 RESERVED_TRAINING_KEYS = {
     "output_dir": "set output.dir and output.run_name instead",
     "remove_unused_columns": "tear_lora needs its span-role column and sets this itself",
@@ -168,10 +172,9 @@ class Recipe:
         which only says where the result goes and whether to replace it, and `distributed` (sharded training
         computes the same adapter). Secrets are masked first."""
         trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k not in ("output", "distributed")}
-        if not trained["objective"].get("response_weight"):  # the default (no weights) keeps older runs' hashes
-            trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
-        if not trained["data"].get("packing"):  # likewise the default (padded rows)
-            trained["data"] = {k: v for k, v in trained["data"].items() if k != "packing"}
+        for section, key in HASH_NEUTRAL_DEFAULTS:  # at their (falsy) defaults, older runs' hashes still match
+            if not trained[section].get(key):
+                trained[section] = {k: v for k, v in trained[section].items() if k != key}
         return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:

@@ -175,12 +175,11 @@ def _start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Pa
 
 
 def _resume_command(recipe: Recipe) -> str:
-    command = f"tear-lora train {shlex.quote(recipe.source or 'RECIPE')} --resume"
+    launcher = "tear-lora"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # under a launcher: the same launch again, every process resuming from the same checkpoint
-        command = (f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m tear_lora.cli train "
-                   f"{shlex.quote(recipe.source or 'RECIPE')} --resume")
-    return command
+        launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)} -m tear_lora.cli"
+    return f"{launcher} train {shlex.quote(recipe.source or 'RECIPE')} --resume"
 
 
 def _keep_or_drop(work: Path) -> None:

@@ -149,13 +149,19 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     captured = []
     decoder = unwrap_causal_lm(model).get_decoder()
     handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    extra = {} if position_ids is None else {"position_ids": position_ids}
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False, **extra,
-              **packed_attention)
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=1,
+              use_cache=False, **packed_attention)
     finally:
         handle.remove()
     return captured[-1]
+
+
+def check_adapter_keys(source: str, unexpected: list[str], missing: list[str]) -> None:
+    """--resume refuses a saved adapter with keys this model lacks, or without one of its trainable tensors."""
+    if unexpected or missing:
+        raise RuntimeError(f"{source} does not match this model: unexpected keys {unexpected[:3]}, "
+                           f"missing trainable keys {missing[:3]}")
 
 
 class TearTrainer(SFTTrainer):
@@ -282,10 +288,7 @@ class TearTrainer(SFTTrainer):
         result = set_peft_model_state_dict(model, load_file(weights))
         # missing_keys lists every frozen base weight too; only trainable ones must come from the checkpoint
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        missing = sorted(k for k in result.missing_keys if k in trainable)
-        if result.unexpected_keys or missing:
-            raise RuntimeError(f"{weights} does not match this model: unexpected keys {result.unexpected_keys[:3]}, "
-                               f"missing trainable keys {missing[:3]}")
+        check_adapter_keys(weights, result.unexpected_keys, sorted(k for k in result.missing_keys if k in trainable))
 
     def _load_sharded_adapter(self, model, saved: dict, source: str) -> None:
         """--resume under FSDP: the saved adapter's keys are parameter names without the adapter-name segment;
@@ -295,10 +298,7 @@ class TearTrainer(SFTTrainer):
         adapter = model.active_adapter
         names = {".".join(part for part in name.split(".") if part != adapter): name
                  for name, p in model.named_parameters() if p.requires_grad}
-        unexpected, missing = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
-        if unexpected or missing:
-            raise RuntimeError(f"{source} does not match this model: unexpected keys {unexpected[:3]}, "
-                               f"missing trainable keys {missing[:3]}")
+        check_adapter_keys(source, sorted(set(saved) - set(names)), sorted(set(names) - set(saved)))
         set_model_state_dict(model, {names[key]: tensor for key, tensor in saved.items()},
                              options=StateDictOptions(full_state_dict=True, strict=False))
 

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
                 row = {"mode": mode, "error": f"{type(e).__name__}: {str(e)[-400:]}"}
         print("BENCH_RECIPE " + json.dumps(row), flush=True)
         return 0
-    parent_args = _without_option(_without_option(_without_option(argv, "--modes"), "--json"), "--device")
+    parent_args = _without_options(argv, ("--modes", "--json", "--device"))
     rows = []
     for mode in args.modes.split(","):
         row = run_mode_in_subprocess(mode, [*parent_args, "--device", args.device])
@@ -170,15 +170,16 @@ def main(argv=None) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-def _without_option(argv: list[str], option: str) -> list[str]:
-    """`argv` without `option VALUE` / `option=VALUE` (the parent passes the rest on to each mode's worker)."""
+def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """`argv` without `OPTION VALUE` / `OPTION=VALUE` for each option (the parent passes the rest on to each
+    mode's worker)."""
     out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a == option:
+        elif a in options:
             skip = True
-        elif not a.startswith(option + "="):
+        elif not a.startswith(tuple(o + "=" for o in options)):
             out.append(a)
     return out
 
