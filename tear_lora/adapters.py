@@ -63,7 +63,7 @@ def check_base(adapter_dir: str | Path, recipe, tokenizer, given: dict[str, Any]
     LoRA deltas and token rows are only meaningful on the exact weights they were trained against; on another
     base they load without error and silently produce a different model. Returns the adapter's metadata.
     """
-    from .data import tokenizer_hash
+    from .tokens import tokenizer_hash
 
     metadata = read_metadata(adapter_dir)
     cfg = recipe.model
@@ -160,10 +160,9 @@ class MergedModel:
     """
 
     def __init__(self, path: str | Path, trust_remote_code: bool = False):
-        import torch
         from transformers import AutoModelForCausalLM
 
-        from .model import ModelLoadError, guard_bnb_cpu
+        from .model import ModelLoadError, device_map, guard_bnb_cpu
         from .recipe import load_recipe, recipe_from_dict
 
         path = Path(path)
@@ -178,9 +177,8 @@ class MergedModel:
         self.metadata = {path.name: meta}
         self.recipe = load_recipe(path / "recipe.yaml") if (path / "recipe.yaml").exists() else recipe_from_dict({})
         self.recipe.model.trust_remote_code = trust_remote_code
-        device_map = "cuda" if torch.cuda.is_available() else None
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map,
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map(),
                                                               trust_remote_code=trust_remote_code).eval()
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .batch import SpanCollator, final_hidden_states, unwrap_causal_lm
 from .data import tokenize_row
 from .loss import span_targets, token_nll
 from .rawdata import load_triples
 from .template import WITNESS
 from .tokens import RESPONSE_CLOSE
-from .trainer import SpanCollator, final_hidden_states, unwrap_causal_lm
 
 VALENCE_LABELS = {"helpful": 0, "harmful": 1}
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .data import DataError
+from .generate import DEFAULT_MAX_NEW_TOKENS
 from .metadata import AdapterError
 from .model import ModelLoadError
 from .recipe import RecipeError, load_recipe
@@ -131,6 +132,20 @@ def _gguf_outtypes(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _sampling_value(field: str, cast):
+    """An argparse type that checks one Sampling field with Sampling's own rule (exit 2 before any model loads)."""
+    def parse(text: str):
+        from .generate import Sampling
+
+        try:
+            value = cast(text)
+            Sampling(**{field: value})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    return parse
+
+
 def cmd_generate(args) -> int:
     from .adapters import open_source
     from .generate import Sampling, format_generated, generate_triple
@@ -174,7 +189,8 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
         p.add_argument("--trust-remote-code", action="store_true", help="allow the base / model to run its own "
                        "Python code (auto_map); never taken from an adapter's or merged dir's files (default: off)")
     if gen:
-        p.add_argument("--max-new-tokens", type=int, default=64, help="per span (default 64)")
+        p.add_argument("--max-new-tokens", type=_sampling_value("max_new_tokens", int), default=DEFAULT_MAX_NEW_TOKENS,
+                       help=f"per span (default {DEFAULT_MAX_NEW_TOKENS})")
     if report:
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -264,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="the input text")
     p.add_argument("--response", help="a given response: only the witness is predicted")
     p.add_argument("--seed", type=int, help="random seed (sampling)")
-    p.add_argument("--temperature", type=float, help="sample with this temperature (default: greedy)")
-    p.add_argument("--top-p", type=float, help="sample with nucleus top-p (default: greedy)")
+    p.add_argument("--temperature", type=_sampling_value("temperature", float),
+                   help="sample with this temperature; 0 = greedy (default: greedy)")
+    p.add_argument("--top-p", type=_sampling_value("top_p", float), help="sample with nucleus top-p in (0, 1] "
+                   "(default: greedy)")
     _release_args(p, gen=True)
     p.set_defaults(func=cmd_generate)
 

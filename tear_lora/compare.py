@@ -3,7 +3,8 @@
 The point of a λ sweep is the trade-off curve: how much response quality (response NLL) each unit of λ buys
 in consequence prediction (witness NLL). All adapters are loaded onto one base and switched with
 `set_adapter`, so the comparison costs one base load, not one per adapter, and every adapter is measured on
-bit-identical base weights. The time this saves is measured (one real reload of the base), not estimated.
+bit-identical base weights. The time this saves is reckoned from this run's own base load (measured), not
+from a second load: loading the whole base again only to report the saving would cost what it reports.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from .adapters import AdapterSet
 from .data import DataError
 from .evaluate import format_table, source_rows
-from .generate import Sampling, format_generated, generate_triple
+from .generate import DEFAULT_MAX_NEW_TOKENS, Sampling, format_generated, generate_triple
 from .metadata import METADATA_FILE, read_metadata
 from .recipe import RecipeError
 from .rundir import RunDirError, atomic_save_figure
@@ -51,22 +52,16 @@ def _by_lambda(row: dict) -> tuple:
 
 
 def measure_switching(adapters: AdapterSet) -> dict:
-    """Seconds for one real reload of the base vs milliseconds per `set_adapter`, and the difference for N adapters."""
-    from .model import load_base
-
+    """Milliseconds per `set_adapter` (measured) against the seconds of this run's one base load, and the
+    difference for N adapters: one base load per adapter would cost N - 1 more of them."""
     switches = []
     for label in adapters.labels:
         started = time.perf_counter()
         adapters.use(label)
         switches.append(time.perf_counter() - started)
-    started = time.perf_counter()
-    reloaded = load_base(adapters.recipe, adapters.tokenizer)
-    reload_s = time.perf_counter() - started
-    del reloaded
     n, switch_s = len(adapters.labels), sum(switches) / len(switches)
-    return {"adapters": n, "base_load_s": adapters.base_load_s, "base_reload_s": reload_s,
-            "adapter_load_s": adapters.adapter_load_s, "switch_ms": 1000 * switch_s,
-            "saved_s": (n - 1) * reload_s - n * switch_s}
+    return {"adapters": n, "base_load_s": adapters.base_load_s, "adapter_load_s": adapters.adapter_load_s,
+            "switch_ms": 1000 * switch_s, "saved_s": (n - 1) * adapters.base_load_s - n * switch_s}
 
 
 def plot_nll(rows: list[dict], out: str | Path) -> Path:
@@ -94,7 +89,7 @@ def plot_nll(rows: list[dict], out: str | Path) -> Path:
 
 
 def compare(adapter_dirs: list[str | Path], data_file: str | Path, prompts_file: str | Path | None = None,
-            plot: str | Path | None = None, base: str | None = None, max_new_tokens: int = 64,
+            plot: str | Path | None = None, base: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             batch_size: int = 8, trust_remote_code: bool = False) -> dict:
     """Eval rows sorted by λ (base last), generations per prompt per adapter, timing, and the plot's path."""
     adapters = AdapterSet(adapter_dirs[0], base, trust_remote_code)
@@ -114,7 +109,7 @@ def compare(adapter_dirs: list[str | Path], data_file: str | Path, prompts_file:
             "plot": str(plot_nll(rows, plot)) if plot else None}
 
 
-def format_report(report: dict, max_new_tokens: int = 64) -> str:
+def format_report(report: dict, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
     from .generate import Generated
 
     lambdas = {r["name"]: r["lambda"] for r in report["rows"]}
@@ -124,7 +119,7 @@ def format_report(report: dict, max_new_tokens: int = 64) -> str:
         for name, out in item["outputs"].items():
             parts.append(f"--- {name} (λ={lambdas[name]:g}) ---\n" + format_generated(Generated(**out), max_new_tokens))
     t = report["timing"]
-    parts.append(f"\nbase load {t['base_load_s']:.2f} s (one reload measured: {t['base_reload_s']:.2f} s); "
+    parts.append(f"\nbase load {t['base_load_s']:.2f} s (once); "
                  f"set_adapter switch {t['switch_ms']:.3f} ms; for {t['adapters']} adapters one shared base saves "
                  f"{t['saved_s']:.2f} s vs reloading the base per adapter")
     if report["plot"]:
@@ -197,7 +192,7 @@ def train_sweep(recipes: list) -> list[Path]:
 
 
 def sweep(recipe_path: str | Path, lambdas: list[float], overrides: list[str] | None = None,
-          prompts_file: str | Path | None = None, plot: str | Path | None = None, max_new_tokens: int = 64) -> dict:
+          prompts_file: str | Path | None = None, plot: str | Path | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> dict:
     """Train one adapter per λ (resumable), then compare them on the recipe's eval set."""
     from .recipe import load_recipe
 

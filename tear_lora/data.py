@@ -35,9 +35,10 @@ from datasets import Dataset, Features, List, Value, load_from_disk
 
 from . import rawdata, rundir, template
 from .rawdata import DataError, Reject, Row, TripleReader, load_triples
+from .tokens import tokenizer_hash
 
 __all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples", "pack_triples",
-           "prepare", "tokenize_row", "tokenizer_hash"]
+           "prepare", "tokenize_row"]
 
 CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
 FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
@@ -390,9 +391,3 @@ def file_hash(path: str | Path) -> str:
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     return digest.hexdigest()
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """Identity of a vocabulary (ids, tags included), independent of where the tokenizer was loaded from."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]

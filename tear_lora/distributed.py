@@ -12,11 +12,14 @@ the tied embedding carries PEFT's trainable token rows (its tie detection compar
 wrapper builds a new merged tensor on each access), leaves uint8-stored 4-bit weights unsharded, and is never
 enabled on CPU. A model that already reduces its own gradients is one transformers' Trainer knows how to train
 (`is_distributed_loading_by_transformers`: no DDP wrapper, deferred reduction under gradient accumulation);
-TearTrainer saves and restores its adapter and optimizer state with torch.distributed.checkpoint's full state dicts.
+TearTrainer saves and restores its adapter and optimizer state with torch.distributed.checkpoint's full state dicts
+(the `FsdpCheckpointing` hooks below, mixed into TearTrainer).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -116,3 +119,72 @@ def teardown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class FsdpCheckpointing:
+    """Trainer hooks for a model sharded by `shard_fsdp` (mixed in before SFTTrainer; `self._fsdp` says whether
+    this run is sharded, and every hook defers to HF's own when it is not).
+
+    HF would write rank 0's shard alone and cannot defer gradient reduction for a model it did not shard: these
+    gather / scatter the whole adapter and optimizer state with torch.distributed.checkpoint instead.
+    """
+
+    _fsdp = False
+
+    def _load_sharded_adapter(self, model, saved: dict, source: str) -> None:
+        """--resume under FSDP: the saved adapter's keys are parameter names without the adapter-name segment;
+        torch.distributed.checkpoint scatters each whole tensor into this rank's shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from .model import check_adapter_keys
+
+        adapter = model.active_adapter
+        names = {".".join(part for part in name.split(".") if part != adapter): name
+                 for name, p in model.named_parameters() if p.requires_grad}
+        check_adapter_keys(source, sorted(set(saved) - set(names)), sorted(set(names) - set(saved)))
+        set_model_state_dict(model, {names[key]: tensor for key, tensor in saved.items()},
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Accumulation micro-batches under FSDP keep their gradients local until the window's last one (HF's
+        version reads `config.distributed_config`, which only a model sharded by from_pretrained has)."""
+        self.model.set_requires_gradient_sync(False)  # PeftModel forwards it to the FSDP root, which recurses
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._fsdp:
+            return super().save_model(output_dir, _internal_call)
+        state = full_trainable_state(self.model)  # every rank takes part in the gathers
+        self._save(output_dir, state_dict=state)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP the optimizer state is sharded like the parameters: gather it whole (every rank), write it
+        once. HF's default would write rank 0's shard alone."""
+        if not self._fsdp:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        reshard(self.model)
+        state = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.args.should_save:
+            torch.save(state, os.path.join(output_dir, OPTIMIZER_NAME))
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self._fsdp or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+        state = torch.load(os.path.join(checkpoint, OPTIMIZER_NAME), map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))

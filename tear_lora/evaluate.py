@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from .adapters import AdapterSet, MergedModel, open_source
-from .data import prepare, tokenizer_hash
+from .batch import SpanCollator, final_hidden_states, unwrap_causal_lm
+from .data import prepare
 from .loss import span_loss, span_targets
 from .metadata import AdapterError
-from .trainer import SpanCollator, final_hidden_states, unwrap_causal_lm
+from .tokens import tokenizer_hash
 
 BASE_LABEL = "base (adapter disabled)"
 ROW_KEYS = ("name", "kind", "source", "lambda", "rows", "response_tokens", "witness_tokens", "response_nll",

@@ -17,21 +17,37 @@ import torch
 from . import template
 from .tokens import RESPONSE_CLOSE, WITNESS_CLOSE, structural_token_ids
 
+DEFAULT_MAX_NEW_TOKENS = 128  # per span; the CLI verbs and compare share it
+
 
 @dataclass
 class Sampling:
-    """Greedy unless a temperature or top-p is given."""
+    """Greedy unless a temperature > 0 or a top-p is given. Temperature 0 means greedy, as in the OpenAI API and
+    llama.cpp (whatever top-p says); a top-p must keep something, so it lies in (0, 1]."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature is not None and not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def samples(self) -> bool:
+        return self.temperature != 0 and (self.temperature is not None or self.top_p is not None)
+
     def generation_config(self, stop_ids: list[int], pad_id: int):
         from transformers import GenerationConfig
 
-        sample = self.temperature is not None or self.top_p is not None
-        extra = {"temperature": self.temperature or 1.0, "top_p": self.top_p or 1.0} if sample else {}
+        sample = self.samples
+        extra = {"temperature": 1.0 if self.temperature is None else self.temperature,
+                 "top_p": 1.0 if self.top_p is None else self.top_p} if sample else {}
         # built from scratch: a base's own generation_config (sampling defaults, other EOS ids) must not leak in
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=sample, eos_token_id=stop_ids,
                                 pad_token_id=pad_id, **extra)

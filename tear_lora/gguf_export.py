@@ -263,7 +263,7 @@ def logit_bounds(outtype: str, merge_tolerances: dict) -> dict:
 def verify_gguf(path: str | Path, outtype: str, merged_dir: str | Path, merged_model, tokenizer,
                 rows: list[list[int]], merge_tolerances: dict) -> dict:
     """Tokens, tensors, tag rows and logits of one GGUF against the merged model it was converted from."""
-    from .export import agreement_over_rows, within_tolerance
+    from .verify import agreement_over_rows, within_tolerance
 
     path, merged_dir = Path(path), Path(merged_dir)
     device = next(merged_model.parameters()).device

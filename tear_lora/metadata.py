@@ -38,13 +38,23 @@ class AdapterError(ValueError):
     """An adapter that cannot be used as asked (wrong base, wrong tokenizer, damaged files); exit status 2."""
 
 
+_DIGESTS: dict[tuple, str] = {}  # (paths, sizes, mtimes) -> digest, for this process
+
+
 def _sha256(paths) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """One digest over the files' bytes in order. Remembered for this process by (path, size, mtime) of each
+    file: `merge --verify` identifies the base twice (merge, then verify), and hashing reads every weight byte
+    (docs/reliability.md has the measured cost)."""
+    paths = [Path(p) for p in paths]
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for path in paths:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 def base_identity(name_or_path: str, revision: str | None = None, config=None) -> dict[str, Any]:
@@ -110,8 +120,7 @@ def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, e
     it records their sha256, so it must come last."""
     from transformers import AutoConfig
 
-    from .data import tokenizer_hash
-    from .tokens import structural_token_ids
+    from .tokens import structural_token_ids, tokenizer_hash
 
     run_dir = Path(run_dir)
     missing = [name for name in HASHED_FILES if not (run_dir / name).is_file()]

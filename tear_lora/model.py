@@ -43,16 +43,22 @@ def quantization_config(cfg: ModelConfig, fsdp: bool = False):
                               bnb_4bit_quant_storage=DTYPES[cfg.dtype] if fsdp else torch.uint8)
 
 
+def device_map() -> dict[str, int] | None:
+    """Where every model we load goes: the current CUDA device (under a launcher, each rank's own), else the CPU.
+    One rule for the base, merged models and the serving base, so two models compared in one process never
+    land on different devices."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+
+
 def load_base(recipe: Recipe, tokenizer, quantize: bool | None = None):
     """The frozen base as trained on: quantized per the recipe, tag rows fitted and initialised."""
     from transformers import AutoModelForCausalLM
 
     cfg = recipe.model
     quantize = cfg.load_in_4bit if quantize is None else quantize
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], device_map=device_map,
+            cfg.name_or_path, revision=cfg.revision, dtype=DTYPES[cfg.dtype], device_map=device_map(),
             quantization_config=quantization_config(cfg, recipe.distributed.fsdp) if quantize else None,
             attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     except OSError as e:
@@ -187,3 +193,10 @@ def format_breakdown(counts: dict[str, int]) -> str:
     return (f"trainable parameters: {counts['trainable']:,} ({share:.3f}% of {counts['base']:,} base) = "
             f"LoRA {counts['lora']:,} + structural token rows {counts['token_rows']:,}"
             + (f" + other {counts['other_trainable']:,}" if counts["other_trainable"] else ""))
+
+
+def check_adapter_keys(source: str, unexpected: list[str], missing: list[str]) -> None:
+    """--resume refuses a saved adapter with keys this model lacks, or without one of its trainable tensors."""
+    if unexpected or missing:
+        raise RuntimeError(f"{source} does not match this model: unexpected keys {unexpected[:3]}, "
+                           f"missing trainable keys {missing[:3]}")

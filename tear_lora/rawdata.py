@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .recipe import DATA_FIELD_ROLES
 from .rundir import json_safe
 
 REQUIRED_FIELDS = ("input", "response", "witness")
 OPTIONAL_FIELDS = ("id", "meta")
+DATA_FIELD_ROLES = REQUIRED_FIELDS + OPTIONAL_FIELDS  # what a recipe's data.fields may map
 MAX_LISTED_ERRORS = 20
 MAX_LINE_BYTES = 64 << 20  # one row; a longer line is rejected (and skipped without being held in memory)
 MAX_EXTRA_NAMES = 50  # distinct ignored column names counted by name; more are only counted

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .rawdata import DATA_FIELD_ROLES
 from .rundir import check_run_name, child_dir, unsafe_root_reason
 
 
@@ -66,7 +67,6 @@ class LoraSettings:
     bias: str = field(default="none", metadata=_choices("none", "all", "lora_only"))
 
 
-DATA_FIELD_ROLES = ("input", "response", "witness", "id", "meta")  # what data.fields may map
 
 
 @dataclass
@@ -169,9 +169,10 @@ class Recipe:
 
     def hash(self) -> str:
         """Content hash of what the recipe trains (not of the file's formatting): every section but `output`,
-        which only says where the result goes and whether to replace it, and `distributed` (sharded training
-        computes the same adapter). Secrets are masked first."""
+        which only says where the result goes and whether to replace it, `distributed` (sharded training
+        computes the same adapter) and `hardware` (the card `plan` checks against). Secrets are masked first."""
         trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k not in ("output", "distributed")}
+        trained["hardware"] = _to_dict(HardwareConfig())  # at its default whatever it is: older hashes still match
         for section, key in HASH_NEUTRAL_DEFAULTS:  # at their (falsy) defaults, older runs' hashes still match
             if not trained[section].get(key):
                 trained[section] = {k: v for k, v in trained[section].items() if k != key}
@@ -192,8 +193,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: recipe file not found")
     try:
         text = path.read_text(encoding="utf-8")
+        lines = _key_lines(yaml.compose(text), str(path))  # first: refuses duplicate keys before they are lost
         raw = yaml.safe_load(text) or {}
-        lines = _key_lines(yaml.compose(text))
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -230,14 +231,19 @@ class _Where:
         return f"{self.file}:{line}" if line else self.file
 
 
-def _key_lines(node, prefix: str = "") -> dict[str, int]:
-    """Map each dotted key path to its 1-based line, from the YAML node tree."""
+def _key_lines(node, source: str, prefix: str = "") -> dict[str, int]:
+    """Map each dotted key path to its 1-based line, from the YAML node tree. A key twice in one mapping is
+    refused: YAML loaders keep the last value silently, so half of what the user wrote would not apply."""
     lines: dict[str, int] = {}
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key_path = f"{prefix}{key_node.value}"
-            lines[key_path] = key_node.start_mark.line + 1
-            lines.update(_key_lines(value_node, key_path + "."))
+            line = key_node.start_mark.line + 1
+            if key_path in lines:
+                raise RecipeError(f"{source}:{line}: duplicate key '{key_path}' (first at line {lines[key_path]}); "
+                                  "YAML would silently keep only the last one: merge them into one")
+            lines[key_path] = line
+            lines.update(_key_lines(value_node, source, key_path + "."))
     return lines
 
 

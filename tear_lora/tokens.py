@@ -9,6 +9,9 @@ always yields the same starting rows (the adapter then carries the trained rows)
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import torch
 from transformers import AddedToken
 
@@ -104,3 +107,9 @@ def _init_rows(model, tokenizer, ids: dict[str, int], init: str) -> None:
                 word_ids = tokenizer.encode(INIT_WORDS[tag], add_special_tokens=False)
                 row = weight[word_ids].float().mean(dim=0)
             weight[token_id] = row.to(weight.dtype)
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Identity of a vocabulary (ids, tags included), independent of where the tokenizer was loaded from."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ import tempfile
 from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 
+from .batch import SpanCollator
 from .data import prepare
 from .distributed import from_main, process_state, shard_fsdp
 from .metadata import write_run_metadata
@@ -43,7 +44,7 @@ from .rundir import (
     temp_sibling,
 )
 from .tokens import structural_token_ids
-from .trainer import NonFiniteError, SpanCollator, StopOnSignal, TearTrainer
+from .trainer import NonFiniteError, StopOnSignal, TearTrainer
 
 CHECKPOINTS = "checkpoints"
 

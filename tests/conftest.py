@@ -103,8 +103,9 @@ def trainable_model(recipe, tokenizer, seed: int = 0):
 
 
 def make_trainer(model, recipe, tokenizer, train_dataset, output_dir, eval_dataset=None):
+    from tear_lora.batch import SpanCollator
     from tear_lora.train import sft_config
-    from tear_lora.trainer import SpanCollator, TearTrainer
+    from tear_lora.trainer import TearTrainer
 
     return TearTrainer(model=model, args=sft_config(recipe, output_dir=output_dir), train_dataset=train_dataset,
                        eval_dataset=eval_dataset, processing_class=tokenizer,

@@ -183,6 +183,24 @@ def test_cache_dir_is_keyed_by_everything_that_changes_the_output(tmp_path, toke
     assert again.out_dir == short.out_dir and again.dataset["input_ids"] == short.dataset["input_ids"]
 
 
+@pytest.mark.parametrize("change", ["truncation", "min_input_tokens", "skip_invalid", "fields", "file_bytes"])
+def test_each_data_setting_and_the_file_bytes_key_the_cache(change, tmp_path, tokenizer, tiny_model_dir):
+    """Each of these changes what a processed set holds (or may hold), so each must lead to its own cache."""
+    rows = [json.loads(line) for line in (REPO / "data/raw/eval.jsonl").read_text().splitlines()[:8]]
+    raw = tmp_path / "rows.jsonl"
+    raw.write_text("".join(json.dumps({**r, "alt_input": r["input"] + " (asked twice)"}) + "\n" for r in rows))
+    base = {"max_seq_len": 256}
+    changed = {"truncation": {"truncation": "reject"}, "min_input_tokens": {"min_input_tokens": 2},
+               "skip_invalid": {"skip_invalid": True}, "fields": {"fields": {"input": "alt_input"}},
+               "file_bytes": {}}[change]
+    first = prepare(raw, tokenizer, make_recipe(tiny_model_dir, tmp_path, data=base))
+    if change == "file_bytes":
+        raw.write_text(raw.read_text().replace("(asked twice)", "(asked again)"))  # same rows, other bytes
+    second = prepare(raw, tokenizer, make_recipe(tiny_model_dir, tmp_path, data={**base, **changed}))
+    assert second.out_dir != first.out_dir
+    assert first.out_dir.is_dir() and second.out_dir.is_dir()  # the earlier set stays usable
+
+
 def test_damaged_cache_is_rebuilt_not_trusted(tmp_path, tokenizer, recipe):
     raw = REPO / "data/raw/eval.jsonl"
     first = prepare(raw, tokenizer, recipe)

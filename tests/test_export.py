@@ -48,12 +48,49 @@ def _verify(path):
     return json.loads((path / "verify.json").read_text())
 
 
-def test_dequantized_merge_matches_adapter_on_4bit(merged):
+def _eval_ids(pair, reference, rows=int(VERIFY_ROWS)):
+    from tear_lora.data import prepare
+
+    return [row["input_ids"] for row in prepare(pair["eval"], reference.tokenizer, reference.recipe, save=False).dataset][:rows]
+
+
+def test_dequantized_merge_matches_adapter_on_4bit(merged, pair, reference):
     result = _verify(merged["dequantized"])
     assert result["passed"] and result["positions"] > 100
     assert result["max_abs_logit"] < 1e-4
     assert result["mean_kl"] < 1e-7
     assert result["top1_agreement"] == 1.0
+    # not only what verify.json says: the test computes both models' logits itself
+    from transformers import AutoModelForCausalLM
+
+    standalone = AutoModelForCausalLM.from_pretrained(merged["dequantized"]).eval()
+    positions = 0
+    with torch.no_grad():
+        for ids in _eval_ids(pair, reference):
+            ids = torch.tensor([ids])
+            expected, got = reference.model(input_ids=ids).logits[0], standalone(input_ids=ids).logits[0]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+            positions += ids.shape[1]
+    assert positions == result["positions"]
+
+
+def test_default_bf16_merge_passes_its_verify(pair, reference, tmp_path):
+    """`merge` without --dtype writes bf16 (the release default) and its --verify holds at the bf16 bounds."""
+    from transformers import AutoModelForCausalLM
+
+    from tear_lora.export import TOLERANCES
+
+    out = tmp_path / "bf16"
+    assert main(["merge", str(pair["b"]), "--out", str(out), "--verify", "--rows", VERIFY_ROWS]) == 0
+    result = _verify(out)
+    assert result["dtype"] == "bf16" and result["passed"] and result["tolerance"] == TOLERANCES["bf16"]
+    standalone = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert standalone.dtype == torch.bfloat16
+    # bf16 rounding moves logits a little, not as far as the bound, and not at all like another adapter would
+    with torch.no_grad():
+        ids = torch.tensor([_eval_ids(pair, reference, 1)[0]])
+        difference = (standalone(input_ids=ids).logits[0].float() - reference.model(input_ids=ids).logits[0]).abs()
+    assert 0 < difference.max() <= TOLERANCES["bf16"]["max_abs_logit"]
 
 
 def test_original_differs_by_the_quantization_error(merged, reference, tiny_model_dir):

@@ -334,6 +334,10 @@ def test_sweep_reuses_a_run_only_for_the_same_recipe(pair, tmp_path, capsys):
     trained_at = weights.stat().st_mtime_ns
     assert train_sweep([recipe]) == [run_dir] and weights.stat().st_mtime_ns == trained_at
     assert "is complete, skipping" in capsys.readouterr().err
+    # the card a recipe is sized for changes nothing that is trained: still the same run
+    [bigger_card] = sweep_recipes(pair["recipe"], [0.0], [*here, "hardware.gpu_memory_gb=80"])
+    assert train_sweep([bigger_card]) == [run_dir] and weights.stat().st_mtime_ns == trained_at
+    assert "is complete, skipping" in capsys.readouterr().err
 
     changed = [*here, "training.learning_rate=0.02"]
     [other] = sweep_recipes(pair["recipe"], [0.0], changed)

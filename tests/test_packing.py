@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
+from tear_lora.batch import SpanCollator, final_hidden_states, row_response_weight, unwrap_causal_lm
 from tear_lora.data import PACKED_FEATURES, pack_triples, prepare
 from tear_lora.loss import count_span_tokens, span_loss, span_targets, token_nll
 from tear_lora.template import CONTEXT, PAD_ROLE, RESPONSE
-from tear_lora.trainer import SpanCollator, final_hidden_states, row_response_weight, unwrap_causal_lm
 
 from .conftest import REPO, SGD, WEIGHTS, make_recipe, make_trainer, trainable_model, trainable_state
 

@@ -88,11 +88,12 @@ def test_tiny_estimate_matches_a_measured_cpu_step(tiny_model_dir, tmp_path, tok
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
+    from tear_lora.batch import SpanCollator
     from tear_lora.model import add_adapters, load_base
     from tear_lora.template import CONTEXT, RESPONSE, WITNESS
     from tear_lora.tokens import structural_token_ids
     from tear_lora.train import sft_config
-    from tear_lora.trainer import SpanCollator, TearTrainer
+    from tear_lora.trainer import TearTrainer
 
     recipe = make_recipe(tiny_model_dir, tmp_path, training={"per_device_train_batch_size": 4, "max_steps": 1,
                                                              "gradient_accumulation_steps": 1, "save_strategy": "no"})

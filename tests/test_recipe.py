@@ -2,8 +2,9 @@ import hashlib
 import json
 
 import pytest
+import yaml
 
-from tear_lora.recipe import Recipe, RecipeError, load_recipe
+from tear_lora.recipe import RecipeError, load_recipe
 
 from .conftest import REPO
 
@@ -14,11 +15,36 @@ def write(tmp_path, text):
     return path
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "qwen3-1.7b-base.yaml"])
-def test_shipped_recipes_load(name):
-    recipe = load_recipe(REPO / "recipes" / name)
-    assert isinstance(recipe, Recipe)
-    assert recipe.lambda_ == 1.0
+SHIPPED_RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+
+
+def test_every_shipped_recipe_is_tested():
+    assert len(SHIPPED_RECIPES) >= 4 and "qwen3-1.7b-base.yaml" in SHIPPED_RECIPES
+
+
+@pytest.mark.parametrize("name", SHIPPED_RECIPES)
+def test_shipped_recipe_loads_and_validates(name):
+    path = REPO / "recipes" / name
+    recipe = load_recipe(path)
+    assert recipe.source == str(path) and recipe.lambda_ >= 0
+    assert recipe.model.name_or_path and recipe.data.train_file and recipe.output.run_name
+    assert (REPO / recipe.data.train_file).is_file(), recipe.data.train_file
+    # what the file says is what loads: every top-level key of the YAML became a section of the Recipe
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    loaded = recipe.to_dict()
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            assert key in loaded[section], (section, key)
+            assert loaded[section][key] == value or isinstance(value, str), (section, key)  # "5e-2" -> 0.05
+
+
+def test_duplicate_key_is_refused_with_file_and_line(tmp_path):
+    path = write(tmp_path, "model:\n  name_or_path: a\nlora:\n  r: 8\nmodel:\n  name_or_path: b\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:5: duplicate key 'model' \(first at line 1\)"):
+        load_recipe(path)
+    path = write(tmp_path, "lora:\n  r: 8\n  alpha: 16\n  r: 16\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml:4: duplicate key 'lora.r' \(first at line 2\)"):
+        load_recipe(path)
 
 
 def test_typo_names_file_line_and_suggests(tmp_path):
@@ -106,6 +132,7 @@ def test_response_weight_overrides_and_hash(tmp_path):
     trained = {k: v for k, v in default.to_dict().items() if k not in ("output", "distributed")}
     trained["objective"] = {k: v for k, v in trained["objective"].items() if k != "response_weight"}
     trained["data"] = {k: v for k, v in trained["data"].items() if k != "packing"}  # likewise data.packing: false
+    assert trained["hardware"] == {"gpu_memory_gb": 16.0}  # hashed at its default (below)
     assert default.hash() == hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
     weighted = load_recipe(path, ["objective.response_weight.harmful=0", "objective.response_weight.mixed=0.5"])
     assert weighted.objective.response_weight == {"harmful": 0.0, "mixed": 0.5}
@@ -115,6 +142,14 @@ def test_response_weight_overrides_and_hash(tmp_path):
     assert again.to_dict() == weighted.to_dict() and again.hash() == weighted.hash()
     with pytest.raises(RecipeError, match="'objective.response_weight.harmful' must be a number >= 0, got -1"):
         load_recipe(path, ["objective.response_weight.harmful=-1"])
+
+
+def test_hardware_section_does_not_change_the_hash(tmp_path):
+    """`hardware` only tells `plan` which card to check; a sweep must not retrain a finished run for it."""
+    path = write(tmp_path, "objective:\n  lambda: 1.0\n")
+    small, big = load_recipe(path), load_recipe(path, ["hardware.gpu_memory_gb=80"])
+    assert big.hardware.gpu_memory_gb == 80 and small.hash() == big.hash()
+    assert load_recipe(path, ["objective.lambda=0.5"]).hash() != small.hash()
 
 
 def test_distributed_section_does_not_change_the_hash(tmp_path):

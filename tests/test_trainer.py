@@ -37,8 +37,8 @@ def test_gradient_accumulation_is_exact(tmp_path, tiny_model_dir, tokenizer, eig
     assert log_ref["loss"] == pytest.approx(log_ref["response_loss"] + lam * log_ref["witness_loss"], rel=1e-4)
     names = ["loss", "response_loss", "witness_loss", "response_tokens", "witness_tokens"]
     if weights:  # 3 harmful rows at 0, 2 mixed at 0.5, 3 helpful at 1: sum_rows w * response tokens
+        from tear_lora.batch import row_response_weight
         from tear_lora.template import RESPONSE
-        from tear_lora.trainer import row_response_weight
 
         expected = sum(row_response_weight(r["meta"], weights) * r["span_roles"][1:].count(RESPONSE) for r in rows)
         assert log_ref["response_weighted_tokens"] == pytest.approx(expected)
@@ -98,8 +98,8 @@ def test_bnb_cpu_guard_keeps_gradients_right_after_eval_forward(tmp_path, tiny_m
     import bitsandbytes.functional as F
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    from tear_lora.batch import SpanCollator
     from tear_lora.model import add_adapters, load_base
-    from tear_lora.trainer import SpanCollator
 
     recipe = make_recipe(tiny_model_dir, tmp_path)
     batch = SpanCollator(tokenizer.pad_token_id)([eight_rows[i] for i in range(4)])
@@ -153,7 +153,7 @@ def test_bnb_cpu_guard_keeps_gradients_right_after_eval_forward(tmp_path, tiny_m
 
 
 def test_row_response_weight_reads_meta_valence():
-    from tear_lora.trainer import row_response_weight
+    from tear_lora.batch import row_response_weight
 
     mapping = {"harmful": 0.0, "mixed": 0.5}
     assert row_response_weight('{"valence": "harmful", "domain": "x"}', mapping) == 0.0
@@ -165,7 +165,7 @@ def test_row_response_weight_reads_meta_valence():
 
 
 def test_collator_emits_weights_only_with_a_mapping(tokenizer, mixed_rows):
-    from tear_lora.trainer import SpanCollator
+    from tear_lora.batch import SpanCollator
 
     features = [mixed_rows[i] for i in range(8)]
     plain = SpanCollator(tokenizer.pad_token_id)(features)
@@ -181,7 +181,7 @@ def test_all_zero_weight_window_trains_witness_only_and_eval_stays_unweighted(tm
                                                                              eight_rows, mixed_rows):
     """Every row at weight 0: the response term is 0 (no NaN), the step is the witness term's alone; the
     evaluation loss of the same trainer is the plain NLL, weights or not."""
-    from tear_lora.trainer import SpanCollator
+    from tear_lora.batch import SpanCollator
 
     recipe = make_recipe(tiny_model_dir, tmp_path, objective={"lambda": 0.5, "response_weight": {"helpful": 0}},
                          training={**SGD, "learning_rate": 1e-3, "per_device_train_batch_size": 4,

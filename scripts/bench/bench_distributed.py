@@ -92,12 +92,13 @@ def run_mode(mode: str, args, model_dir: Path, state) -> dict:
     import torch
     from datasets import Dataset
 
+    from tear_lora.batch import SpanCollator
     from tear_lora.distributed import shard_fsdp
     from tear_lora.model import add_adapters, load_base, load_tokenizer_for
     from tear_lora.plan import plan
     from tear_lora.tokens import structural_token_ids
     from tear_lora.train import sft_config
-    from tear_lora.trainer import SpanCollator, TearTrainer
+    from tear_lora.trainer import TearTrainer
 
     cuda = torch.cuda.is_available()
     recipe = bench_recipe(model_dir, args, args.micro_batch, cuda)

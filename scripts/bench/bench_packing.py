@@ -64,13 +64,14 @@ def main(argv=None) -> int:
     import torch
     from transformers.trainer_utils import set_seed
 
+    from tear_lora.batch import SpanCollator
     from tear_lora.data import pack_triples, prepare
     from tear_lora.model import add_adapters, load_base, load_tokenizer_for
     from tear_lora.recipe import load_recipe
     from tear_lora.rundir import atomic_write_json
     from tear_lora.tokens import structural_token_ids
     from tear_lora.train import sft_config
-    from tear_lora.trainer import SpanCollator, TearTrainer
+    from tear_lora.trainer import TearTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -204,10 +204,11 @@ def worker(args) -> dict:
     timer = StepTimer(cuda)
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
     if args.trainer == "tear":
+        from tear_lora.batch import SpanCollator
         from tear_lora.model import add_adapters, load_base, load_tokenizer_for
         from tear_lora.tokens import structural_token_ids
         from tear_lora.train import sft_config
-        from tear_lora.trainer import SpanCollator, TearTrainer
+        from tear_lora.trainer import TearTrainer
 
         tokenizer = load_tokenizer_for(recipe)
         assert list(structural_token_ids(tokenizer).values()) == list(range(151_669, 151_675))
