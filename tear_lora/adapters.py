@@ -35,7 +35,7 @@ def adapter_recipe(adapter_dir: str | Path, base: str | None = None, trust_remot
     if not (adapter_dir / "adapter_config.json").exists() or not (adapter_dir / METADATA_FILE).exists():
         raise AdapterError(f"{adapter_dir}: not a tear_lora adapter dir (needs adapter_config.json and {METADATA_FILE})")
     read_metadata(adapter_dir)  # a damaged adapter is refused before anything loads
-    recipe = load_recipe(adapter_dir / "recipe.yaml")
+    recipe = load_recipe(adapter_dir / "recipe.yaml", saved=True)
     recipe.model.trust_remote_code = trust_remote_code
     if base is not None:
         recipe.model.name_or_path = str(base)
@@ -175,7 +175,7 @@ class MergedModel:
             meta = read_metadata(path)
         self.tokenizer = self.load_tokenizer(path, trust_remote_code)
         self.metadata = {path.name: meta}
-        self.recipe = load_recipe(path / "recipe.yaml") if (path / "recipe.yaml").exists() else recipe_from_dict({})
+        self.recipe = load_recipe(path / "recipe.yaml", saved=True) if (path / "recipe.yaml").exists() else recipe_from_dict({})
         self.recipe.model.trust_remote_code = trust_remote_code
         try:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device_map(),

@@ -52,7 +52,7 @@ def cmd_data_prepare(args) -> int:
     # pack as training will (data.packing packs the training file only), so `train` finds this very cache
     packed = recipe.data.packing and Path(args.raw).resolve() == Path(recipe.data.train_file).resolve()
     prepared = prepare(args.raw, load_tokenizer_for(recipe), recipe, out_dir=args.out,
-                       skip_invalid=args.skip_invalid or None, packed=packed)
+                       skip_invalid=args.skip_invalid or None, packed=packed, overwrite=args.overwrite)
     m = prepared.manifest
     print(f"{args.raw}: {m['rows_kept']} rows kept, {m['rows_rejected']} rejected, {m['rows_trimmed']} trimmed "
           f"-> {prepared.out_dir}")
@@ -106,7 +106,8 @@ def cmd_merge(args) -> int:
     from .gguf_export import describe
 
     out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base, args.trust_remote_code,
-                verify_rows=args.rows if args.verify else None, verify_data=args.data, gguf=args.gguf)
+                verify_rows=args.rows if args.verify else None, verify_data=args.data, gguf=args.gguf,
+                overwrite=args.overwrite)
     print(f"merged {args.adapter} into the {args.base_weights} base ({args.dtype}) -> {out}")
     for path in sorted(out.glob("*.gguf")):
         print(f"  GGUF {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -237,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("raw", help="raw triples: .jsonl, .csv, .parquet or a saved HF dataset dir")
     p.add_argument("--recipe", required=True, help="recipe whose model tokenizer and data settings to use")
     p.add_argument("--out", help="output dir (default: data/processed/<raw file stem>-<hash of source, tokenizer and data settings>)")
-    p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (written verbatim to rejects.jsonl)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad rows (listed in rejects.jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds an earlier, finished "
+                   "`data prepare` output (anything else there is never replaced)")
     _recipe_args(p, positional=False)
     p.set_defaults(func=cmd_data_prepare)
 
@@ -258,8 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("merge", help="adapter -> standalone model dir (plain transformers can load it)")
     p.add_argument("adapter", help="adapter dir (adapters/<run>)")
-    p.add_argument("--out", required=True, help="output dir: new, empty, or a previous complete merge output "
-                   "(replaced only once the new one is complete)")
+    p.add_argument("--out", required=True, help="output dir: new, empty, or (with --overwrite) a previous "
+                   "complete merge output, replaced only once the new one is complete")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out holding a finished merge output")
     p.add_argument("--base-weights", choices=("dequantized", "original"), default="dequantized",
                    help="dequantized: the NF4 weights it was trained on (default, reproduces the trained model); "
                    "original: the unquantized weights (differs by the quantization error)")

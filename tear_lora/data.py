@@ -216,10 +216,14 @@ class Prepared:
 
 
 def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None = None,
-            skip_invalid: bool | None = None, save: bool = True, packed: bool = False) -> Prepared:
+            skip_invalid: bool | None = None, save: bool = True, packed: bool = False,
+            overwrite: bool = False) -> Prepared:
     """Raw file -> tokenized Dataset + manifest, reusing the cache when everything it depends on is unchanged.
 
     `out_dir` replaces the default `<processed_dir>/<stem>-<key>`; it is built aside and swapped in the same way.
+    An existing `out_dir` holding other data is replaced only when it is a finished prepare output and
+    `overwrite` (rundir.check_replaceable); the default dir is named by its key, so only a damaged cache of
+    these very inputs is ever replaced there.
     `packed` (training passes `recipe.data.packing`) also packs the triples into `Prepared.packed`; it is a setting
     of its own in the cache key, and evaluation never asks for it (its numbers stay per triple).
     """
@@ -249,10 +253,11 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
     final = Path(out_dir) if out_dir else Path(recipe.data.processed_dir) / f"{_safe_name(raw_path)}-{key}"
     cached = _load_cached(final, key)
     if cached is None:
-        _check_replaceable(final)
+        _check_replaceable(final, overwrite or out_dir is None)
         with _waiting_lock(final):
             cached = _load_cached(final, key)  # another process may have built it while we waited
             if cached is None:
+                _check_replaceable(final, overwrite or out_dir is None)  # again, now that we hold the lock
                 _build(reader, tokenizer, settings, manifest, final)
                 cached = _load_cached(final, key)
         if cached is None:
@@ -288,7 +293,7 @@ def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, fina
         rundir.atomic_write_text(building / "rejects.jsonl",
                                  "".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rejects))
         rundir.atomic_write_json(building / "manifest.json", {**manifest, **counts})
-        rundir.write_complete_marker(building)
+        rundir.write_complete_marker(building, kind="processed data")
         rundir.swap_in(building, final)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
@@ -317,16 +322,13 @@ def _load_cached(out_dir: Path, key: str) -> Prepared | None:
     return Prepared(dataset, manifest, out_dir, packed)
 
 
-def _check_replaceable(final: Path) -> None:
+def _check_replaceable(final: Path, overwrite: bool) -> None:
     """Swapping in deletes what was at `final`: allow that only for an earlier prepare output (or nothing)."""
-    problem = rundir.unsafe_root_reason(final)
-    if problem:
-        raise DataError(f"{final}: cannot write processed data there: it {problem}")
-    if final.exists() and not final.is_dir():
-        raise DataError(f"{final}: exists and is not a directory; choose another --out")
-    if final.is_dir() and any(final.iterdir()) and not (final / "manifest.json").is_file():
-        raise DataError(f"{final}: exists and is not a processed-data directory (no manifest.json), so it will "
-                        "not be replaced; choose another --out or remove it")
+    try:
+        rundir.check_replaceable(final, "processed data", "manifest.json", overwrite, "pass --overwrite",
+                                 legacy=True)
+    except rundir.RunDirError as e:
+        raise DataError(str(e)) from None
 
 
 @contextmanager

@@ -121,7 +121,7 @@ def base_for_merged(merged_dir: Path, base: str | None, trust_remote_code: bool 
     if not (merged_dir / "recipe.yaml").exists() or not (merged_dir / "tear_lora.json").exists():
         print(f"note: {merged_dir} records no recipe/base (recipe.yaml, tear_lora.json): no base row", file=sys.stderr)
         return None
-    recipe = load_recipe(merged_dir / "recipe.yaml")
+    recipe = load_recipe(merged_dir / "recipe.yaml", saved=True)
     recipe.model.trust_remote_code = trust_remote_code  # the caller's, never the merged dir's recipe.yaml
     if base is not None:
         recipe.model.name_or_path, recipe.model.revision = str(base), None

@@ -14,7 +14,8 @@ most of the adapter would vanish in the rounding.
 On disk (rundir.py): the output is built in a hidden sibling `.<out>.merge-<pid>/`, verified there when asked,
 marked complete last and only then swapped in, under a lock on `<out>`. A killed or failed merge never leaves
 a directory at `--out` that loads as a model, and a previous output stays until its replacement is whole.
-`--out` may only replace a previous complete merge output holding nothing but what that merge wrote.
+`--out` may only replace a previous complete merge output holding nothing but what that merge wrote, and only
+with `--overwrite` (rundir.check_replaceable, the rule every directory-writing verb shares).
 
 For servers the output also carries a chat template generated from template.py (what an OpenAI-style chat
 request turns into) and stop tokens that end each span: `<|/response|>`, `<|/witness|>` and the base EOS. With
@@ -24,26 +25,28 @@ request turns into) and stop tokens that end each span: `<|/response|>`, `<|/wit
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from .adapters import AdapterSet, adapter_recipe, check_base
-from .metadata import METADATA_FILE, METADATA_VERSION, AdapterError, read_metadata
+from .metadata import METADATA_FILE, METADATA_VERSION, AdapterError, public_name, read_metadata
 from .model import load_base, load_tokenizer_for
 from .rundir import (
     COMPLETE_MARKER,
+    RunDirError,
     atomic_write_json,
     atomic_write_text,
+    check_replaceable,
     exclusive_lock,
     incomplete_reason,
     lock_path_for,
+    read_marker,
     stale_siblings,
     swap_in,
     temp_sibling,
-    unsafe_root_reason,
+    usual_permissions,
     write_complete_marker,
 )
 from .tokens import RESPONSE_CLOSE, WITNESS_CLOSE, structural_token_ids
@@ -115,52 +118,19 @@ def generation_config(model, tokenizer):
     return config
 
 
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an --out that merge must not create or replace; runs before anything loads."""
-    problem = unsafe_root_reason(out_dir)
-    if problem:
-        raise MergeError(f"--out {out_dir} {problem}; merge into a directory of its own, e.g. models/<name>")
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise MergeError(f"--out {out_dir} is a file or a symlink; give the path of a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        problem = _not_a_merge_output(out_dir)
-        if problem:
-            raise MergeError(f"--out {out_dir} exists, is not empty and is not a complete tear-lora merge output "
-                             f"({problem}); nothing was changed: choose another --out or remove it yourself")
-
-
-# What a merge by tear_lora before completion markers (metadata format 1) wrote; such a dir may be replaced.
-LEGACY_MERGE_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-                      "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                      "recipe.yaml", METADATA_FILE, "README.md", "verify.json"}
-
-
-def _not_a_merge_output(out_dir: Path) -> str | None:
-    """Why replacing `out_dir` could lose something (None for a complete merge output holding only its files)."""
-    if (out_dir / COMPLETE_MARKER).exists():
-        problem = incomplete_reason(out_dir)
-        if problem:
-            return problem
-        written = set(json.loads((out_dir / COMPLETE_MARKER).read_text())["files"])
-    else:  # no marker: a killed merge never leaves one here, so only a merge from before markers is ours
-        written = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
-        written = {n for n in written if n in LEGACY_MERGE_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)}
-        if METADATA_FILE not in written:
-            return incomplete_reason(out_dir)
-    extra = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                   if p.is_file() and p.name != COMPLETE_MARKER and str(p.relative_to(out_dir)) not in written)
-    if extra:
-        return f"it holds files the merge did not write: {', '.join(extra[:3])}"
+def check_out_dir(out_dir: Path, overwrite: bool = False) -> None:
+    """Refuse an --out that merge must not create or replace (rundir.check_replaceable); runs before anything
+    loads."""
     try:
-        merged = json.loads((out_dir / METADATA_FILE).read_text()).get("merged")
-    except (OSError, ValueError, AttributeError):
-        merged = None
-    return None if isinstance(merged, dict) else f"its {METADATA_FILE} is not a merge's"
+        check_replaceable(out_dir, "merge output", METADATA_FILE, overwrite, "pass --overwrite", legacy=True)
+    except RunDirError as e:
+        raise MergeError(f"--out {e}") from None
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "dequantized", dtype: str = "bf16",
           base: str | None = None, trust_remote_code: bool = False, verify_rows: int | None = None,
-          verify_data: str | Path | None = None, gguf: list[str] | tuple[str, ...] = ()) -> Path:
+          verify_data: str | Path | None = None, gguf: list[str] | tuple[str, ...] = (),
+          overwrite: bool = False) -> Path:
     """Write the merged model, tokenizer, generation config, metadata and model card to `out_dir` (and, with
     `verify_rows`, verify.json; with `gguf` outtypes, `<run>-<outtype>.gguf` files and an Ollama Modelfile),
     all or nothing: see the module doc."""
@@ -173,20 +143,20 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "deq
         raise MergeError(f"--gguf must be one or more of {', '.join(OUTTYPES)}, got {', '.join(gguf)}")
     if gguf:
         require_converter()  # a missing extra is reported now, not after the merge
-    check_out_dir(out_dir)
+    check_out_dir(out_dir, overwrite)
     with exclusive_lock(lock_path_for(out_dir), f"merge output {out_dir}"):
-        check_out_dir(out_dir)  # again, now that no other merge can change it
+        check_out_dir(out_dir, overwrite)  # again, now that no other merge can change it
         for stale in stale_siblings(out_dir, "merge"):  # builds of killed merges: with the lock, none is running
             shutil.rmtree(stale, ignore_errors=True)
         build = temp_sibling(out_dir, "merge")
         try:
             run_name = _write_merged(Path(adapter_dir), build, base_weights, dtype, base, trust_remote_code,
                                      needs_eval_file=bool(verify_rows) and not verify_data, gguf=gguf)
-            _write_gguf(build, run_name, gguf)
+            _write_gguf(build, run_name, gguf, trust_remote_code)
             write_model_card(build, out_dir.name)  # after the GGUFs: the converter would read it as its metadata
             if verify_rows:
                 _verify(adapter_dir, build, verify_data, verify_rows, base, trust_remote_code, out_dir.name)
-            write_complete_marker(build)  # last: only now does the build count as a merge output
+            write_complete_marker(build, kind="merge output")  # last: only now is the build a merge output
             swap_in(build, out_dir)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
@@ -211,6 +181,7 @@ def _write_merged(adapter_dir: Path, build: Path, base_weights: str, dtype: str,
     merged = merge_into(load_merge_base(recipe, tokenizer, base_weights, EXPORT_DTYPES[dtype]), adapter_dir)
     merged.generation_config = generation_config(merged, tokenizer)
     merged.save_pretrained(build)  # safetensors; the whole dir is swapped in later, so in place is fine here
+    usual_permissions(build)
     tokenizer.chat_template = template.chat_template_for(tokenizer)  # replaces the base's (e.g. ChatML)
     tokenizer.save_pretrained(build)
     # re-masked: an adapter trained before recipes were masked may still hold a hub token in its recipe.yaml
@@ -226,12 +197,13 @@ def _write_merged(adapter_dir: Path, build: Path, base_weights: str, dtype: str,
     return metadata["run_name"]
 
 
-def _write_gguf(build: Path, run_name: str, outtypes) -> None:
+def _write_gguf(build: Path, run_name: str, outtypes, trust_remote_code: bool = False) -> None:
     """Each outtype through llama.cpp's converter into the build dir, then the Modelfile for the first."""
     from .gguf_export import gguf_file_name, write_gguf, write_modelfile
 
     for outtype in outtypes:
-        write_gguf(build, outtype, build / gguf_file_name(run_name, outtype), name=run_name)
+        write_gguf(build, outtype, build / gguf_file_name(run_name, outtype), name=run_name,
+                   trust_remote_code=trust_remote_code)
     if outtypes:
         write_modelfile(build, gguf_file_name(run_name, outtypes[0]), run_name)
 
@@ -256,7 +228,7 @@ def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | N
         if problem:
             raise MergeError(f"{merged_dir}: an incomplete merge output ({problem}); merge again")
         result = _verify(adapter_dir, merged_dir, data, rows, base, trust_remote_code, merged_dir.name)
-        write_complete_marker(merged_dir)
+        write_complete_marker(merged_dir, kind=(read_marker(merged_dir) or {}).get("kind"))
     return result
 
 
@@ -325,7 +297,8 @@ def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
     verified = json.loads((out_dir / "verify.json").read_text()) if (out_dir / "verify.json").exists() else None
     merged, base = meta["merged"], meta["base"]
     shape = template.render(template.segments("{input}", "{response}", "{witness}"))
-    data_lines = [f"- {split}: `{d['source']}` (sha256 {d['source_sha256'][:16]}), {d['rows']} rows, "
+    base_name = public_name(base["name_or_path"])
+    data_lines = [f"- {split}: `{Path(d['source']).name}` (sha256 {d['source_sha256'][:16]}), {d['rows']} rows, "
                   f"{d['rows_rejected']} rejected, tokens {d['tokens']}" for split, d in meta["data"].items() if d]
     metric_lines = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in meta["metrics"].items()]
     check = ("not run (`tear-lora merge ... --verify`)" if verified is None else
@@ -334,7 +307,7 @@ def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
              f"{verified['top1_agreement']:.4f} (tolerance {verified['tolerance']})")
     gguf_section = _gguf_card_section(out_dir, merged, verified)
     card = f"""---
-base_model: {base['name_or_path']}
+base_model: {base_name}
 library_name: transformers
 tags: [tear_lora, lora-merged]
 ---
@@ -343,7 +316,7 @@ tags: [tear_lora, lora-merged]
 
 A tear_lora adapter (Loss = ResponseLoss + λ·WitnessLoss, **λ = {meta['lambda']}**) merged into its base.
 
-- Base: `{base['name_or_path']}` (revision {base.get('revision')}, commit {base.get('commit_hash')}, content sha256 {base.get('content_sha256')})
+- Base: `{base_name}` (revision {base.get('revision')}, commit {base.get('commit_hash')}, content sha256 {base.get('content_sha256')})
 - Merge: `--base-weights {merged['base_weights']}`, dtype {merged['dtype']}. `dequantized` folds the adapter into the
   NF4-rounded weights it was trained on (reproduces the trained model); `original` folds it into the unquantized
   weights (differs from the trained model by the quantization error).

@@ -25,13 +25,16 @@ GGUF against the merged model on the held-out rows that the merge verify uses.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import re
 from pathlib import Path
 
 import torch
 
 from .metadata import AdapterError
-from .rundir import atomic_write_text
+from .rundir import atomic_write_text, check_run_name
 from .template import prefix_ids, render, segments
 from .tokens import RESPONSE_CLOSE, WITNESS_CLOSE, structural_token_ids
 
@@ -82,12 +85,59 @@ def parse_outtypes(value: str) -> list[str]:
 
 
 def gguf_file_name(run_name: str, outtype: str) -> str:
+    problem = check_run_name(run_name)  # it names a file under --out: a plain name, never a path
+    if problem:
+        raise GGUFError(f"run name {run_name!r} {problem}")
     return f"{run_name}-{outtype}.gguf"
 
 
-def write_gguf(model_dir: str | Path, outtype: str, out_path: str | Path, name: str) -> Path:
+def remote_code_method(model_class) -> str | None:
+    """The converter method that loads a tokenizer with trust_remote_code=True, reachable from this architecture's
+    converter (following `self.` / `super().` calls from `__init__` and `write`), or None. The converter hard-codes
+    that flag for some architectures (ChatGLM, InternLM-S1, HunYuan, ...); the model dir's own Python would run."""
+    seen, todo = set(), ["__init__", "write"]
+    while todo:
+        name = todo.pop()
+        method = getattr(model_class, name, None)
+        if name in seen or not callable(method):
+            continue
+        seen.add(name)
+        try:
+            source = inspect.getsource(method)
+        except (OSError, TypeError):
+            continue
+        if "trust_remote_code=True" in source:
+            return name
+        todo += re.findall(r"(?:self|super\(\))\.(\w+)\(", source)
+    return None
+
+
+def declared_code(model_dir: Path) -> str | None:
+    """The file in `model_dir` that declares Python of its own (`auto_map`), or None."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            if "auto_map" in json.loads((model_dir / name).read_text(encoding="utf-8")):
+                return name
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def check_remote_code(model_dir: Path, model_class, trust_remote_code: bool) -> None:
+    """Refuse a conversion that would run the model dir's own code, unless the user passed --trust-remote-code."""
+    declared = declared_code(model_dir)
+    method = remote_code_method(model_class) if declared else None
+    if method and not trust_remote_code:
+        raise GGUFError(f"llama.cpp's converter for {model_class.__name__} loads the tokenizer with "
+                        f"trust_remote_code=True ({method}) and {model_dir.name}/{declared} declares code of its own "
+                        "(auto_map), which would run: pass --trust-remote-code if you trust that code")
+
+
+def write_gguf(model_dir: str | Path, outtype: str, out_path: str | Path, name: str,
+               trust_remote_code: bool = False) -> Path:
     """Convert the merged directory with llama.cpp's converter (to a temp name, then renamed), declaring the
-    structural end tags as end-of-generation tokens and the BOS exactly as training added it."""
+    structural end tags as end-of-generation tokens and the BOS exactly as training added it. A converter that
+    would run the directory's own code is refused unless `trust_remote_code` (check_remote_code)."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -106,6 +156,7 @@ def write_gguf(model_dir: str | Path, outtype: str, out_path: str | Path, name: 
                 model_class = conversion.get_model_class(architecture, mmproj=False)
             except NotImplementedError:
                 raise GGUFError(f"llama.cpp's converter does not support {architecture}") from None
+            check_remote_code(model_dir, model_class, trust_remote_code)
             converter = model_class(model_dir, ftype, tmp, model_name=name)
             writer = converter.gguf_writer  # set before write(); a converter that also set one would win,
             # and --verify (check_tokens) would then report the disagreement

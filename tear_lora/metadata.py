@@ -18,12 +18,13 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from .rundir import atomic_write_json
+from .rundir import atomic_write_json, check_run_name
 
 METADATA_FILE = "tear_lora.json"
 # 2: adds "files" (sha256 + size of HASHED_FILES). 1 is still read: those adapters predate the hashes, and
@@ -108,6 +109,14 @@ def _manifest_summary(manifest: dict | None) -> dict | None:
             "tokens": {k: v["sum"] for k, v in manifest["tokens"].items()}}
 
 
+def public_name(name_or_path: str) -> str:
+    """How a published card names a base: a hub id as it is, a local directory by its name only (cards must not
+    carry the user's absolute paths)."""
+    path = Path(name_or_path).expanduser()
+    local = path.exists() or name_or_path.startswith(("/", "./", "../", "~")) or path.is_absolute()
+    return path.name if local else name_or_path
+
+
 def quantization_identity(cfg) -> dict[str, Any]:
     """How the base was quantized (a recipe's ModelConfig): the same weights quantized otherwise are another base."""
     return {"load_in_4bit": cfg.load_in_4bit, "quant_type": cfg.quant_type, "double_quant": cfg.double_quant,
@@ -178,9 +187,52 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if version > METADATA_VERSION:
         raise AdapterError(f"{path}: format_version {version} was written by a newer tear_lora; this one reads "
                            f"versions 1-{METADATA_VERSION}: upgrade tear_lora to use it")
+    problem = field_problem(metadata)
+    if problem:
+        raise AdapterError(f"{path}: {problem}; not written by tear_lora, or edited: use the adapter its trainer "
+                           "shared, or retrain it")
     if "files" in metadata or (directory / "adapter_config.json").exists():
         check_adapter_files(directory, metadata)
     return metadata
+
+
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def field_problem(metadata: dict[str, Any]) -> str | None:
+    """Why a field of tear_lora.json cannot be used as it is (None when every one can). Its values end up in
+    file names (the run name names GGUF files), Modelfiles and model cards, so a shared adapter must not be
+    able to steer them: the run name passes the same check as a recipe's, no string holds a control character,
+    and the fields the verbs compute with have their types."""
+    problem = check_run_name(metadata.get("run_name"))
+    if problem:
+        return f"run_name {metadata.get('run_name')!r} {problem}"
+    for key_path, value in _strings(metadata, ""):
+        if CONTROL_CHARACTERS.search(value):
+            return f"{key_path} holds a control character ({value[:40]!r})"
+    lam = metadata.get("lambda")
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
+        return f"lambda must be a number, got {lam!r}"
+    base = metadata.get("base")
+    if not isinstance(base, dict) or not isinstance(base.get("name_or_path"), str):
+        return "base.name_or_path is missing or not a string"
+    tags = metadata.get("structural_tokens", {})
+    if not isinstance(tags, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in tags.values()):
+        return "structural_tokens must map each tag to an integer id"
+    return None
+
+
+def _strings(value: Any, prefix: str):
+    """(key path, string) for every string value, and every key, at any depth."""
+    if isinstance(value, str):
+        yield prefix or "(top level)", value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield f"{prefix}.{key}".lstrip(".") + " (key)", str(key)
+            yield from _strings(item, f"{prefix}.{key}".lstrip("."))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{prefix}[{i}]")
 
 
 def check_adapter_files(adapter_dir: Path, metadata: dict[str, Any]) -> None:

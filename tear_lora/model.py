@@ -11,6 +11,7 @@ import functools
 
 import torch
 
+from .metadata import AdapterError
 from .recipe import ModelConfig, Recipe
 from .tokens import fit_embeddings, load_tokenizer
 
@@ -196,7 +197,8 @@ def format_breakdown(counts: dict[str, int]) -> str:
 
 
 def check_adapter_keys(source: str, unexpected: list[str], missing: list[str]) -> None:
-    """--resume refuses a saved adapter with keys this model lacks, or without one of its trainable tensors."""
+    """--resume refuses a saved adapter with keys this model lacks, or without one of its trainable tensors: a
+    user error (another model's or a damaged checkpoint), so AdapterError, exit 2."""
     if unexpected or missing:
-        raise RuntimeError(f"{source} does not match this model: unexpected keys {unexpected[:3]}, "
-                           f"missing trainable keys {missing[:3]}")
+        raise AdapterError(f"{source} does not match this model: unexpected keys {unexpected[:3]}, missing "
+                           f"trainable keys {missing[:3]}; resume from a checkpoint of this recipe, or start over")

@@ -167,16 +167,20 @@ class Recipe:
         """The resolved recipe as YAML, secrets masked: this is what gets written next to an adapter."""
         return yaml.safe_dump(mask_secrets(self.to_dict()), sort_keys=False)
 
-    def hash(self) -> str:
-        """Content hash of what the recipe trains (not of the file's formatting): every section but `output`,
-        which only says where the result goes and whether to replace it, `distributed` (sharded training
-        computes the same adapter) and `hardware` (the card `plan` checks against). Secrets are masked first."""
+    def trained_dict(self) -> dict[str, Any]:
+        """What the recipe trains, as a dict (secrets masked): every section but `output`, which only says where
+        the result goes and whether to replace it, `distributed` (sharded training computes the same adapter) and
+        `hardware` (the card `plan` checks against). Resume compares these key by key to name what changed."""
         trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k not in ("output", "distributed")}
         trained["hardware"] = _to_dict(HardwareConfig())  # at its default whatever it is: older hashes still match
         for section, key in HASH_NEUTRAL_DEFAULTS:  # at their (falsy) defaults, older runs' hashes still match
             if not trained[section].get(key):
                 trained[section] = {k: v for k, v in trained[section].items() if k != key}
-        return hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:16]
+        return trained
+
+    def hash(self) -> str:
+        """Content hash of `trained_dict()` (not of the file's formatting)."""
+        return hashlib.sha256(json.dumps(self.trained_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def run_dir(self) -> Path:
         """`output.dir/output.run_name`, refused (RunDirError) if it would land anywhere else."""
@@ -186,8 +190,9 @@ class Recipe:
 # ---- loading -------------------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply `key.path=value` overrides, and validate it into a Recipe."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, saved: bool = False) -> Recipe:
+    """Read a YAML recipe, apply `key.path=value` overrides, and validate it into a Recipe. `saved`: the recipe.yaml
+    next to an adapter, whose credentials are masked on read instead of refused (older adapters may hold one)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -205,6 +210,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}:1: a recipe must be a mapping of sections (model, lora, data, ...)")
     for item in overrides or []:
         _apply_override(raw, item)
+    if saved:
+        raw = mask_secrets(raw)
     recipe = _build(Recipe, raw, "", _Where(str(path), lines))
     recipe.source = str(path)
     _validate_values(recipe, _Where(str(path), lines))
@@ -333,6 +340,11 @@ def _check_training(raw: Any, where: _Where) -> dict[str, Any]:
             raise RecipeError(
                 f"{where('training.' + key)}: unknown key 'training.{key}' (not an SFTConfig field){_suggest(key, known)}"
             )
+    secret = _secret_key_path(raw, "training")
+    if secret:
+        raise RecipeError(f"{where(secret)}: '{secret}' holds a credential; recipes are copied next to every "
+                          "adapter and HF pickles training arguments into pushed checkpoints, so tokens are not "
+                          "taken from them: log in with `hf auth login` (or set HF_TOKEN) and remove the key")
     return {key: _yaml_quirks(key, value) for key, value in raw.items()}
 
 
@@ -421,6 +433,21 @@ def mask_secrets(value: Any) -> Any:
     if isinstance(value, list):
         return [mask_secrets(v) for v in value]
     return value
+
+
+def _secret_key_path(value: Any, prefix: str) -> str | None:
+    """The key path of the first non-empty secret-looking key at any depth of `value`, or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}"
+            if SECRET_KEY_PATTERN.search(str(key)) and item not in (None, "", MASK):
+                return path
+            found = _secret_key_path(item, path)
+            if found:
+                return found
+    elif isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _secret_key_path(v, f"{prefix}.{i}"))), None)
+    return None
 
 
 def _to_dict(obj) -> Any:

@@ -7,7 +7,10 @@ Three promises, each kept by one piece of this module:
   (`atomic_write_*`); directories are built under a hidden sibling and swapped in only when complete
   (`swap_in`), so the previous result stays until its replacement is whole. Markers written last
   (`write_complete_marker`) tell a finished directory from a killed one.
-- One writer at a time: `exclusive_lock` holds an `fcntl.flock` for the whole job and names the holder.
+- One writer at a time: `exclusive_lock` holds an `fcntl.flock` for the whole job and names the holder; the
+  lock file is opened with O_NOFOLLOW, so a planted symlink cannot make us truncate its target.
+- Nothing of the user's is replaced: `check_replaceable` is the one rule every verb that writes a directory
+  applies before it starts (a finished output of ours of the same kind, and only with overwrite).
 
 Plain stdlib: none of the libraries we build on offers these for directories (safetensors and HF write
 files in place; HF Trainer's checkpoints have no completion marker).
@@ -22,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +34,17 @@ from typing import Any
 RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 COMPLETE_MARKER = ".tear_lora_complete"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _read_umask() -> int:
+    """The process umask. Reading it means setting it, so this runs once, at import (before any thread of ours
+    starts); flipping it later, while another thread creates a file, would give that file the wrong mode."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
 
 
 class RunDirError(ValueError):
@@ -105,7 +120,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -118,6 +133,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def usual_permissions(directory: str | Path, pattern: str = "*.safetensors") -> None:
+    """Give files a library wrote with mode 0600 (safetensors' `save_file` does) the mode any other file gets
+    under this umask, so a shared run dir is readable like the rest of its files."""
+    for path in Path(directory).glob(pattern):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~UMASK)
+
+
 def atomic_save_figure(figure, path: str | Path, **savefig_kwargs) -> Path:
     """A matplotlib figure as a PNG, rendered in memory and written atomically (its directory is created)."""
     import io
@@ -126,12 +149,6 @@ def atomic_save_figure(figure, path: str | Path, **savefig_kwargs) -> Path:
     figure.savefig(png, format="png", **savefig_kwargs)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_bytes(path, png.getvalue())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -193,12 +210,23 @@ def swap_in(built: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_complete_marker(directory: str | Path, info: dict | None = None) -> Path:
-    """Written last: lists every file with its size, so a later reader can tell complete from killed mid-write."""
+def write_complete_marker(directory: str | Path, info: dict | None = None, kind: str | None = None) -> Path:
+    """Written last: lists every file with its size, so a later reader can tell complete from killed mid-write;
+    `kind` (adapter, merge, processed data, ...) says which of our outputs it is (`check_replaceable`)."""
     directory = Path(directory)
     files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != COMPLETE_MARKER}
-    return atomic_write_json(directory / COMPLETE_MARKER, {"files": files, **(info or {})})
+             if p.is_file() and p != directory / COMPLETE_MARKER}  # nested ones (checkpoints') are listed
+    head = {"kind": kind} if kind else {}
+    return atomic_write_json(directory / COMPLETE_MARKER, {**head, "files": files, **(info or {})})
+
+
+def read_marker(directory: str | Path) -> dict | None:
+    """The completion marker of `directory` as a dict with a `files` dict, or None (absent or unreadable)."""
+    try:
+        marker = json.loads((Path(directory) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), dict) else None
 
 
 def incomplete_reason(directory: str | Path) -> str | None:
@@ -220,6 +248,70 @@ def incomplete_reason(directory: str | Path) -> str | None:
     return None
 
 
+# ---- replacing a directory: the one rule ------------------------------------------------------------------------
+
+
+def check_replaceable(path: str | Path, kind: str, metadata_file: str, overwrite: bool, how_to_overwrite: str,
+                      also_ours: tuple[str, ...] = (), legacy: bool = False) -> None:
+    """The rule every verb that writes a directory applies before it starts (train, sweep, data prepare, merge,
+    bundle): `path` may be created when absent or empty; an existing one is replaced only when it is a finished
+    output of ours of the same `kind` (a completion marker naming that kind, listing `metadata_file` and every
+    file there) and only with `overwrite`. Anything else raises RunDirError naming the path; nothing is touched.
+
+    `also_ours`: names our own later verbs add in place (e.g. report's training_curves.png). `legacy`: accept a
+    marker that names no kind (written before kinds were recorded) when it lists `metadata_file`.
+    """
+    path = Path(path)
+    problem = unsafe_root_reason(path)
+    if problem:
+        raise RunDirError(f"{path}: will not write a {kind} there: it {problem}")
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise RunDirError(f"{path} is a file or a symlink, not a directory tear_lora made; nothing was changed: "
+                          "choose another path")
+    if not path.exists() or not any(path.iterdir()):
+        return
+    reason = foreign_reason(path, kind, metadata_file, also_ours, legacy)
+    if reason:
+        raise RunDirError(f"{path} exists and is not a finished tear_lora {kind} ({reason}); nothing was changed: "
+                          "choose another path, or move it away yourself")
+    if not overwrite:
+        raise RunDirError(f"{path} already holds a finished tear_lora {kind}; {how_to_overwrite} to replace it "
+                          "(the old one is kept until the new one is complete), or choose another path")
+
+
+def foreign_reason(path: Path, kind: str, metadata_file: str, also_ours: tuple[str, ...] = (),
+                   legacy: bool = False) -> str | None:
+    """Why replacing the directory `path` could lose something that is not a finished `kind` of ours (None
+    when it is one, holding only the files its marker lists)."""
+    marker = read_marker(path)
+    if marker is None:
+        return f"no readable {COMPLETE_MARKER} marker"
+    if marker.get("kind") != kind and not (legacy and "kind" not in marker):
+        return f"its marker says {marker.get('kind') or 'no kind'}, not {kind}"
+    listed = set(marker["files"])
+    if metadata_file not in listed:
+        return f"no {metadata_file}"
+    for root, dirs, files in os.walk(path):  # does not follow links: a link is itself something not ours
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            relative = os.path.relpath(os.path.join(root, name), path)
+            if os.path.islink(os.path.join(root, name)):
+                return f"{relative} is a symlink"
+            if relative != COMPLETE_MARKER and relative not in listed and relative not in also_ours:
+                return f"it holds {relative}, which tear_lora did not write"
+    return None
+
+
+def copy_tree_without_links(source: str | Path, destination: str | Path) -> None:
+    """copytree that refuses a tree holding symlinks (copying one would copy whatever it points at, anywhere);
+    links found after the check are copied as links, never followed."""
+    for root, dirs, files in os.walk(source):
+        for name in dirs + files:
+            if os.path.islink(os.path.join(root, name)):
+                raise RunDirError(f"{os.path.join(root, name)} is a symlink; tear_lora copies only plain files "
+                                  "and directories: replace it with the file itself")
+    shutil.copytree(source, destination, symlinks=True)
+
+
 # ---- one writer ----------------------------------------------------------------------------------------------------
 
 
@@ -232,7 +324,16 @@ def exclusive_lock(lock_path: str | Path, what: str):
     """
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a symlink planted at the lock path is refused, never followed and truncated
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise RunDirError(f"{lock_path} is a symlink; tear_lora's lock files are plain files: remove the link "
+                          "(its target was not touched)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunDirError(f"{lock_path} is not a plain file; remove it (it was not touched)")
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -8,7 +8,10 @@ How a run treats the disk (rundir.py has the primitives):
 - Training happens in a hidden sibling `adapters/.<run>.tmp-<pid>/` (checkpoints included). Only when the
   adapter, tokenizer and metadata are all written is it swapped in as `adapters/<run>/`, and only then is
   a previous run of that name deleted: a failed, killed or interrupted run leaves the previous adapter as it was.
-- `--resume` continues from the newest complete checkpoint, in the run dir or in an interrupted work dir.
+- A run dir that exists is replaced only if it is a finished adapter of ours, and only with output.overwrite
+  (rundir.check_replaceable): a typo in output.dir/run_name never deletes a user's directory.
+- `--resume` continues the interrupted attempt (its newest complete checkpoint), else the finished run's; a
+  checkpoint of another recipe is refused, naming the keys that differ (check_same_recipe).
 - Faults end the run with a message and a distinct exit status: non-finite loss/gradient or a full disk
   (TrainingFault, 4), SIGTERM/SIGINT after saving a checkpoint (Interrupted, 143/130).
 """
@@ -29,24 +32,29 @@ from pathlib import Path
 from .batch import SpanCollator
 from .data import prepare
 from .distributed import from_main, process_state, shard_fsdp
-from .metadata import write_run_metadata
+from .metadata import METADATA_FILE, write_run_metadata
 from .model import add_adapters, format_breakdown, load_base, load_tokenizer_for, trainable_breakdown
 from .plan import check_memory
 from .recipe import Recipe, RecipeError
 from .rundir import (
     RunDirError,
     atomic_write_text,
+    check_replaceable,
+    copy_tree_without_links,
     exclusive_lock,
     incomplete_reason,
     lock_path_for,
+    read_marker,
     stale_siblings,
     swap_in,
     temp_sibling,
+    write_complete_marker,
 )
 from .tokens import structural_token_ids
 from .trainer import NonFiniteError, StopOnSignal, TearTrainer
 
 CHECKPOINTS = "checkpoints"
+ADAPTER_EXTRAS = ("training_curves.png",)  # written into a finished run dir by `tear-lora report`
 
 
 class TrainingFault(RuntimeError):
@@ -121,35 +129,89 @@ def _step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[-1])
 
 
-def find_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """(complete checkpoints newest first, [(skipped checkpoint, why)]) of a run: its run dir and the work
-    dirs of interrupted runs."""
-    dirs = [run_dir, *stale_siblings(run_dir)]
-    found = [p for d in dirs for p in (d / CHECKPOINTS).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+def _checkpoints_in(directory: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete checkpoints newest first, [(skipped checkpoint, why)]) under `directory`/checkpoints."""
+    found = [p for p in (directory / CHECKPOINTS).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
     good, skipped = [], []
-    for checkpoint in sorted(found, key=lambda p: (_step(p), p.stat().st_mtime), reverse=True):
+    for checkpoint in sorted(found, key=_step, reverse=True):
         problem = checkpoint_problem(checkpoint)
         (skipped.append((checkpoint, problem)) if problem else good.append(checkpoint))
     return good, skipped
 
 
+def _last_written(work: Path) -> float:
+    return max((p.stat().st_mtime for p in [work, *(work / CHECKPOINTS).glob("checkpoint-*")]), default=0.0)
+
+
+def find_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The checkpoints `--resume` chooses from: those of the interrupted attempt (the newest work dir holding a
+    complete checkpoint), else those of the finished run. Never the finished run's while an attempt to
+    replace it was interrupted: that would continue the old run under the new recipe's name.
+    Returns (complete checkpoints newest first, [(skipped checkpoint, why)])."""
+    attempts = sorted(stale_siblings(run_dir), key=_last_written, reverse=True)
+    skipped = []
+    for attempt in attempts:
+        good, bad = _checkpoints_in(attempt)
+        skipped += bad
+        if good:
+            return good, skipped
+    good, bad = _checkpoints_in(run_dir)
+    return good, skipped + bad
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint of a run (run dir or interrupted work dir), or None."""
+    """Newest complete checkpoint `--resume` would continue from, or None."""
     return next(iter(find_checkpoints(Path(run_dir))[0]), None)
+
+
+# Recipe keys a resume may change: the number of steps (continuing a finished run further). Anything else
+# would make the resumed steps differ from the ones already taken.
+RESUME_MAY_CHANGE = {"training.max_steps"}
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def check_same_recipe(checkpoint: Path, recipe: Recipe) -> None:
+    """Refuse (RunDirError) a checkpoint written under another recipe, naming the keys that differ."""
+    marker = read_marker(checkpoint) or {}
+    recorded = marker.get("recipe")
+    if not isinstance(recorded, dict):
+        raise RunDirError(f"cannot resume from {checkpoint}: it records no recipe (written by an older tear_lora "
+                          "or not by tear_lora), so it cannot be checked against this one; start over with "
+                          "--set output.overwrite=true")
+    before, now = _flat(recorded), _flat(recipe.trained_dict())
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    if differ:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
+        raise RunDirError(f"cannot resume from {checkpoint}: it was trained with recipe {marker.get('recipe_sha256')}"
+                          f", this recipe ({recipe.hash()}) differs in {len(differ)} key(s): {shown}; resume with "
+                          "the recipe it was started with, or start over with --set output.overwrite=true")
 
 
 # ---- the work dir -----------------------------------------------------------------------------------------------
 
 
+def check_run_dir(recipe: Recipe, resume: str | bool | None) -> None:
+    """The run dir may be replaced only if it is a finished adapter of ours (rundir.check_replaceable): with
+    output.overwrite, or on --resume (the interrupted attempt was going to replace it)."""
+    run_dir = recipe.run_dir()
+    interrupted = any(_checkpoints_in(attempt)[0] for attempt in stale_siblings(run_dir))
+    if resume in (None, False) and not recipe.output.overwrite and interrupted:
+        raise RunDirError(f"{run_dir} has an interrupted run; pass --resume to continue it, or --set "
+                          "output.overwrite=true (or another output.run_name) to start over")
+    check_replaceable(run_dir, "adapter", METADATA_FILE, recipe.output.overwrite or resume not in (None, False),
+                      "pass --set output.overwrite=true (or --resume to continue it)", also_ours=ADAPTER_EXTRAS)
+
+
 def _start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Path | None]:
     """(work dir to train in, checkpoint inside it to resume from or None). Refuses what would lose a run."""
     run_dir = recipe.run_dir()
+    check_run_dir(recipe, resume)  # again, under the lock
     if resume in (None, False):
-        if (run_dir / "adapter_config.json").exists() or latest_checkpoint(run_dir):
-            if not recipe.output.overwrite:
-                raise RunDirError(f"{run_dir} already holds a run (or an interrupted one); pass --resume to "
-                                  "continue it, or --set output.overwrite=true (or another output.run_name) to "
-                                  "start over (the old run is kept until the new one has finished)")
         return temp_sibling(run_dir), None
     if resume is True:
         good, skipped = find_checkpoints(run_dir)
@@ -164,14 +226,19 @@ def _start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Pa
         problem = "not found" if not checkpoint.is_dir() else checkpoint_problem(checkpoint)
         if problem:
             raise RunDirError(f"cannot resume from {checkpoint}: {problem}")
-    print(f"resume: continuing from {checkpoint}", flush=True)
+    check_same_recipe(checkpoint, recipe)
+    print(f"resume: continuing from {checkpoint} (step {_step(checkpoint)})", flush=True)
     owner = checkpoint.parent.parent
     if owner.resolve() in {p.resolve() for p in stale_siblings(run_dir)}:  # an interrupted run's work dir: adopt it
         work = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
         owner.rename(work)
         return work, work / CHECKPOINTS / checkpoint.name
     work = temp_sibling(run_dir)  # a finished run's (or any) checkpoint: copy, the original stays as it is
-    shutil.copytree(checkpoint, work / CHECKPOINTS / checkpoint.name)
+    try:
+        copy_tree_without_links(checkpoint, work / CHECKPOINTS / checkpoint.name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return work, work / CHECKPOINTS / checkpoint.name
 
 
@@ -203,6 +270,7 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
     check_memory(recipe, force=force, quiet=not state.is_main_process, nproc=state.num_processes)
     run_dir = recipe.run_dir()
     main = state.is_main_process
+    from_main(state, lambda: check_run_dir(recipe, resume))  # before the lock file or the data cache is made
     with exclusive_lock(lock_path_for(run_dir), f"run dir {run_dir}") if main else nullcontext():
         tokenizer = load_tokenizer_for(recipe)
         with state.local_main_process_first():  # each node's first process builds the cache, the others reuse it
@@ -262,7 +330,7 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
         eval_dataset=eval_data.dataset if eval_data else None, processing_class=tokenizer,
         data_collator=SpanCollator(tokenizer.pad_token_id, response_weight=weights), lambda_=recipe.objective.lambda_,
         lambda_warmup_steps=recipe.objective.lambda_warmup_steps, loss_chunk_size=recipe.objective.loss_chunk_size,
-        callbacks=[stop])
+        checkpoint_info={"recipe_sha256": recipe.hash(), "recipe": recipe.trained_dict()}, callbacks=[stop])
     stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -292,6 +360,7 @@ def _train_in(work: Path, recipe: Recipe, tokenizer, train_data, eval_data, chec
         write_run_metadata(work, recipe, tokenizer, train_data.manifest,
                            eval_data.manifest if eval_data else None, metrics, breakdown,
                            log_history=trainer.state.log_history, world_size=state.num_processes)
+        write_complete_marker(work, kind="adapter")  # last: what makes it a finished adapter of ours
 
 
 def describe_response_weights(dataset, weights: dict[str, float]) -> str:

@@ -35,8 +35,10 @@ from trl import SFTTrainer
 from .batch import PACKED_ATTENTION_KEYS, final_hidden_states, unwrap_causal_lm
 from .distributed import FsdpCheckpointing, any_rank, is_fsdp_sharded
 from .loss import count_span_tokens, span_loss, span_targets
+from .metadata import public_name
 from .model import check_adapter_keys
-from .rundir import atomic_write_text, write_complete_marker
+from .recipe import mask_secrets
+from .rundir import atomic_write_json, atomic_write_text, usual_permissions, write_complete_marker
 
 
 class NonFiniteError(RuntimeError):
@@ -47,7 +49,7 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
     loss_is_scaled_for_ga = True  # compute_loss divides by the whole window's span counts itself
 
     def __init__(self, *args, lambda_: float = 1.0, lambda_warmup_steps: int = 0, loss_chunk_size: int = 256,
-                 **kwargs):
+                 checkpoint_info: dict | None = None, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         initial = {name: p.data for name, p in model.named_parameters() if p.requires_grad and p.dtype.is_floating_point}
         super().__init__(*args, **kwargs)
@@ -62,6 +64,7 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
         self._fsdp = is_fsdp_sharded(self.model)
         self.is_distributed_loading_by_transformers |= self._fsdp
         self.lambda_ = lambda_
+        self.checkpoint_info = checkpoint_info or {}  # recorded in each checkpoint's marker (resume checks it)
         self.lambda_warmup_steps = lambda_warmup_steps
         self.loss_chunk_size = loss_chunk_size
         # per mode, since the last log: [response NLL sum, witness NLL sum, response tokens, witness tokens,
@@ -179,8 +182,9 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the adapter with the token rows inside it, never whole embedding matrices or NaN/Inf.
 
-        The training arguments go out as JSON with tokens masked (HF's `to_json_string`), not as HF's pickled
-        training_args.bin: a pickle can carry a hub token and runs code when loaded.
+        The training arguments go out as JSON with secrets masked at every depth (HF's `to_dict` masks only
+        top-level `*_token`), not as HF's pickled training_args.bin: a pickle can carry a token and runs code
+        when loaded. (Recipes may hold no credential at all: recipe.py refuses them in `training`.)
         """
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
@@ -193,9 +197,11 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
                                  f"(first: {bad[0]})")
         os.makedirs(output_dir, exist_ok=True)
         model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False)
+        usual_permissions(output_dir)
+        _unpath_card(os.path.join(output_dir, "README.md"), getattr(model, "peft_config", {}))
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        atomic_write_text(os.path.join(output_dir, "training_args.json"), self.args.to_json_string())
+        atomic_write_json(os.path.join(output_dir, "training_args.json"), mask_secrets(self.args.to_dict()))
 
     def _save_checkpoint(self, model, trial) -> None:
         """HF's checkpoint, then a completion marker; older checkpoints rotate out only after it is written."""
@@ -210,9 +216,22 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
             return
         run_dir = self._get_output_dir(trial=trial)
         write_complete_marker(os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"),
-                              {"global_step": self.state.global_step})
+                              {"global_step": self.state.global_step, **self.checkpoint_info}, kind="checkpoint")
         rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+
+def _unpath_card(card: str, peft_config: dict) -> None:
+    """PEFT's model card names the base as it was loaded, often the user's absolute path: name it by its hub id
+    or directory name instead (metadata.public_name), as every card we write does."""
+    bases = {c.base_model_name_or_path for c in peft_config.values() if c.base_model_name_or_path}
+    if not os.path.isfile(card) or not bases:
+        return
+    with open(card, encoding="utf-8") as f:
+        text = f.read()
+    for base in bases:
+        text = text.replace(base, public_name(base))
+    atomic_write_text(card, text)
 
 
 class StopOnSignal(TrainerCallback):
