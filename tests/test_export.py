@@ -145,7 +145,7 @@ def test_output_dir_must_be_new_or_a_merge_output(pair, capsys):
     # e.g. the adapter dir itself: non-empty and not a merge output (tests/test_integrity.py has the other cases)
     before = sorted(p.name for p in pair["a"].iterdir())
     assert main(["merge", str(pair["a"]), "--out", str(pair["a"])]) == 2
-    assert "not a complete tear-lora merge output" in capsys.readouterr().err
+    assert "is not a finished tear_lora merge output" in capsys.readouterr().err
     assert sorted(p.name for p in pair["a"].iterdir()) == before
 
 

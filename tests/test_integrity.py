@@ -239,49 +239,50 @@ def test_merge_out_on_a_foreign_dir_refused_and_untouched(adapter, tmp_path, no_
     (foreign / "notes.txt").write_text("keep me")
     (foreign / "sub" / "model.safetensors").write_bytes(b"not ours")
     before = _snapshot(foreign)
-    assert main(["merge", str(adapter), "--out", str(foreign)]) == 2
-    assert "not a complete tear-lora merge output" in capsys.readouterr().err
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["merge", str(adapter), "--out", str(foreign), *overwrite]) == 2
+        assert "is not a finished tear_lora merge output" in capsys.readouterr().err
     assert _snapshot(foreign) == before
 
 
 def test_merge_replaces_only_its_own_complete_output(merged, tmp_path, capsys):
     out = _copy(merged["out"], tmp_path / "models" / "m")
     (out / "notes.txt").write_text("added by hand")
-    assert main(["merge", str(merged["adapter"]), "--out", str(out), "--dtype", "fp32"]) == 2
-    assert "files the merge did not write: notes.txt" in capsys.readouterr().err
+    assert main(["merge", str(merged["adapter"]), "--out", str(out), "--dtype", "fp32", "--overwrite"]) == 2
+    assert "it holds notes.txt, which tear_lora did not write" in capsys.readouterr().err
     (out / "notes.txt").unlink()
+    assert main(["merge", str(merged["adapter"]), "--out", str(out), "--dtype", "fp32"]) == 2  # no --overwrite
+    assert "already holds a finished tear_lora merge output; pass --overwrite" in capsys.readouterr().err
     killed_build = out.parent / ".m.merge-999999"  # a build left by a killed merge
     killed_build.mkdir()
     (killed_build / "model.safetensors").write_bytes(b"half")
     before = _snapshot(out)
-    assert main(["merge", str(merged["adapter"]), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert main(["merge", str(merged["adapter"]), "--out", str(out), "--dtype", "fp32", "--overwrite"]) == 0
     after = _snapshot(out)
     assert after.keys() == before.keys() and incomplete_reason(out) is None
     assert after["model.safetensors"][1] != before["model.safetensors"][1]  # really rewritten
     assert sorted(p.name for p in out.parent.iterdir()) == [".m.lock", "m"]
 
 
-def test_merge_replaces_an_output_from_before_markers_but_not_with_foreign_files(merged, tmp_path, capsys):
-    legacy = _copy(merged["out"], tmp_path / "models" / "old")  # what tear_lora wrote before completion markers
+def test_merge_never_replaces_an_output_without_a_marker(merged, tmp_path, capsys):
+    """Without its completion marker a dir cannot be told from a user's copy of a model: refused, untouched."""
+    legacy = _copy(merged["out"], tmp_path / "models" / "old")
     (legacy / COMPLETE_MARKER).unlink()
-    (legacy / "notes.txt").write_text("added by hand")
-    assert main(["merge", str(merged["adapter"]), "--out", str(legacy), "--dtype", "fp32"]) == 2
-    assert "notes.txt" in capsys.readouterr().err and (legacy / "notes.txt").exists()
-    (legacy / "notes.txt").unlink()
-    assert main(["merge", str(merged["adapter"]), "--out", str(legacy), "--dtype", "fp32"]) == 0
-    assert incomplete_reason(legacy) is None
+    before = _snapshot(legacy)
+    assert main(["merge", str(merged["adapter"]), "--out", str(legacy), "--dtype", "fp32", "--overwrite"]) == 2
+    assert f"no readable {COMPLETE_MARKER} marker" in capsys.readouterr().err and _snapshot(legacy) == before
 
 
 def test_killed_merge_leaves_no_dir_and_the_previous_output(merged, tmp_path, monkeypatch):
     out = _copy(merged["out"], tmp_path / "models" / "m")
     before = _snapshot(out)
 
-    def killed(directory, info=None):
+    def killed(directory, info=None, kind=None):
         raise RuntimeError("killed before the completion marker")
 
     monkeypatch.setattr(export, "write_complete_marker", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        export.merge(merged["adapter"], out, dtype="fp32")
+        export.merge(merged["adapter"], out, dtype="fp32", overwrite=True)
     assert _snapshot(out) == before
     with pytest.raises(RuntimeError, match="killed"):
         export.merge(merged["adapter"], tmp_path / "models" / "fresh", dtype="fp32")

@@ -91,7 +91,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir):
     finish(tear_lora("train", recipe))
     again = tear_lora("train", recipe)
     out, _ = again.communicate(timeout=300)
-    assert again.returncode == 2 and "already holds a run" in out and "Traceback" not in out
+    assert again.returncode == 2 and "already holds a finished tear_lora adapter" in out and "Traceback" not in out
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir):
