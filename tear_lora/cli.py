@@ -59,7 +59,7 @@ def cmd_data_prepare(args) -> int:
     for name, stats in m["tokens"].items():
         print(f"  {name:9s} tokens: min {stats['min']}, mean {stats['mean']}, p95 {stats['p95']}, max {stats['max']}")
     if m["rows_rejected"]:
-        print(f"  rejected rows (verbatim) in {prepared.out_dir / 'rejects.jsonl'}", file=sys.stderr)
+        print(f"  rejected rows (line, reason, excerpt) in {prepared.out_dir / 'rejects.jsonl'}", file=sys.stderr)
     return 0
 
 

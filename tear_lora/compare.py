@@ -19,6 +19,7 @@ from .data import DataError
 from .evaluate import format_table, source_rows
 from .generate import DEFAULT_MAX_NEW_TOKENS, Sampling, format_generated, generate_triple
 from .metadata import METADATA_FILE, read_metadata
+from .rawdata import capped_lines
 from .recipe import RecipeError
 from .rundir import RunDirError, atomic_save_figure
 
@@ -29,22 +30,35 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: prompts file not found")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if path.suffix != ".jsonl":
-            prompts.append({"input": line.strip()})
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not item["input"].strip():
-            raise DataError(f"{path}:{number}: expected an object with a non-empty string 'input'")
-        prompts.append({"input": item["input"], "response": item.get("response")})
+    with open(path, "rb") as f:  # streamed, each line capped (rawdata.capped_lines), as every data reader is
+        for number, data, problem, _ in capped_lines(f):
+            if problem:
+                raise DataError(f"{path}:{number}: {problem}")
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason})") from None
+            prompts.append(_prompt(path, number, line))
+    prompts = [p for p in prompts if p is not None]
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts
+
+
+def _prompt(path: Path, number: int, line: str) -> dict | None:
+    """One line of a prompts file as {"input", "response"?}, None for a blank line."""
+    line = line.removesuffix("\r")
+    if not line.strip():
+        return None
+    if path.suffix != ".jsonl":
+        return {"input": line.strip()}
+    try:
+        item = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+    if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not item["input"].strip():
+        raise DataError(f"{path}:{number}: expected an object with a non-empty string 'input'")
+    return {"input": item["input"], "response": item.get("response")}
 
 
 def _by_lambda(row: dict) -> tuple:

@@ -2,8 +2,10 @@
 
 Reading and validating live in rawdata.py (any size, streamed, every problem as FILE:LINE). Here each good
 row is tokenized as it is read and written straight to an Arrow file, so a file of several GB never sits in
-memory. With `skip_invalid`, bad rows are written verbatim to rejects.jsonl instead of stopping the run, so
-nothing is lost silently.
+memory. With `skip_invalid`, bad rows are listed in rejects.jsonl (FILE:LINE, reason, a short excerpt) instead of
+stopping the run, so nothing is lost silently. A field longer than `field_bound` (data.max_seq_len x the
+longest token) is refused before it is tokenized: memory stays bounded whatever the file holds
+(docs/reliability.md has the measurement).
 
 The processed set is cached in `<processed_dir>/<stem>-<key>/`, where the key hashes everything the output
 depends on (file content, tokenizer, data settings, this code). Different settings therefore never share a
@@ -55,6 +57,13 @@ LOCK_POLL_S = 0.25
 # ---- tokenizing -----------------------------------------------------------------------------------------------
 
 
+def field_bound(tokenizer, max_seq_len: int) -> int:
+    """Characters beyond which a field cannot fit `max_seq_len` tokens: no token is longer than the vocabulary's
+    longest entry (byte-level entries hold at least one character per byte), so longer text needs more tokens."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return max_seq_len * max(longest, 1)
+
+
 def tokenize_row(tokenizer, fields: dict, max_seq_len: int, truncation: str, min_input_tokens: int):
     """-> (input_ids, span_roles, trimmed_count) or a rejection reason string.
 
@@ -92,7 +101,7 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
         if problem is not None:
             invalid_count += 1
             if skip_invalid:
-                rejects.append(Reject(row.line, problem, row.raw))
+                rejects.append(Reject(row.line, problem, row.excerpt))
             elif len(invalid) <= rawdata.MAX_LISTED_ERRORS:
                 invalid.append(Reject(row.line, problem, ""))
             continue
@@ -100,7 +109,7 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
             continue
         result = tokenize_row(tokenizer, row.fields, **limits)
         if isinstance(result, str):
-            rejects.append(Reject(row.line, result, row.raw))
+            rejects.append(Reject(row.line, result, row.excerpt))
             continue
         input_ids, roles, cut = result
         meta = row.fields.get("meta")
@@ -233,7 +242,8 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
                 "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
                 "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields,
                 "packing": packed}
-    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields)  # file-level checks first
+    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields,  # file-level checks first
+                          field_bound(tokenizer, recipe.data.max_seq_len))
     source_hash, tok_hash = file_hash(raw_path), tokenizer_hash(tokenizer)
     key = cache_key(source_hash, tokenizer_fingerprint(tokenizer, tok_hash), settings)
     manifest = {"source": str(raw_path), "source_sha256": source_hash, "settings": settings, "cache_key": key,

@@ -78,7 +78,7 @@ class DataConfig:
     # reject: any row over max_seq_len is rejected with its reason.
     truncation: str = field(default="trim_input_left", metadata=_choices("trim_input_left", "reject"))
     min_input_tokens: int = 8  # a row whose input would shrink below this is rejected instead of trimmed
-    skip_invalid: bool = False  # keep going past bad rows (they go, verbatim, to a rejects file)
+    skip_invalid: bool = False  # keep going past bad rows (listed, with an excerpt, in a rejects file)
     processed_dir: str = "data/processed"
     # Your column names for our roles, e.g. {input: prompt, response: answer, witness: outcome}; a role not
     # listed uses its own name. Roles: input, response, witness, id, meta.

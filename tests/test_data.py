@@ -49,14 +49,15 @@ def test_bad_row_names_file_line_field(tmp_path):
     assert f"{path}:4: field 'input': must be a non-empty string" in message
 
 
-def test_skip_invalid_writes_rejects_verbatim(tmp_path, tokenizer, tiny_model_dir):
+def test_skip_invalid_lists_rejects_with_line_reason_and_excerpt(tmp_path, tokenizer, tiny_model_dir):
     bad_line = '{"input": "x", "response": "y"}'
     path = jsonl(tmp_path, [GOOD, bad_line, {**GOOD, "input": "Other?"}])
     recipe = make_recipe(tiny_model_dir, tmp_path)
     prepared = prepare(path, tokenizer, recipe, out_dir=tmp_path / "out", skip_invalid=True)
     assert len(prepared.dataset) == 2 and prepared.manifest["rows_rejected"] == 1
     rejects = [json.loads(line) for line in (tmp_path / "out/rejects.jsonl").read_text().splitlines()]
-    assert rejects == [{"line": 2, "reason": "field 'witness': must be a non-empty string (missing)", "raw": bad_line}]
+    assert rejects == [{"line": 2, "reason": "field 'witness': must be a non-empty string (missing)",
+                        "excerpt": bad_line}]
 
 
 def test_duplicates_rejected(tmp_path):

@@ -344,7 +344,7 @@ def test_prepare_hostile_rows_train_or_land_in_rejects(tmp_path, tokenizer, tiny
     assert weird in tokenizer.decode(first["input_ids"])
     assert json.loads(prepared.dataset[1]["meta"]) == {"source": "web"} and prepared.dataset[0]["meta"] is None
     rejects = [json.loads(x) for x in (prepared.out_dir / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["line"] for r in rejects] == [2, 4] and rejects[1]["raw"] == '{"input": "caf\\xe9"}'
+    assert [r["line"] for r in rejects] == [2, 4] and rejects[1]["excerpt"] == '{"input": "caf\\xe9"}'
     assert "field 'input': contains a lone surrogate" in rejects[0]["reason"]
 
 
@@ -529,3 +529,54 @@ def test_fuzz_prepare_with_tokenizer(tokenizer, tiny_model_dir, file):
             return kept, rejected
 
         check_outcome(path, labels, call)
+
+
+# ---- bounded memory on hostile data (issue 20) -----------------------------------------------------------------
+
+
+def test_a_field_beyond_the_bound_is_refused_before_it_is_tokenized(tmp_path, tokenizer, tiny_model_dir,
+                                                                      monkeypatch):
+    """max_seq_len 256 x the longest token (128 chars) = 32,768 characters: a longer field can never fit, and is
+    rejected at its FILE:LINE without reaching the tokenizer, in every reader."""
+    from tear_lora import data
+
+    bound = data.field_bound(tokenizer, 256)
+    assert bound == 256 * max(map(len, tokenizer.get_vocab()))
+    huge = "word " * (bound // 5 + 10)
+    encoded = []
+    original = data.tokenize_row
+    monkeypatch.setattr(data, "tokenize_row", lambda tok, fields, **kw: encoded.append(len(fields["input"]))
+                        or original(tok, fields, **kw))
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(rows(row(), row(input=huge), row(input="another")))
+    recipe = make_recipe(tiny_model_dir, tmp_path, data={"skip_invalid": True, "max_seq_len": 256})
+    prepared = prepare(path, tokenizer, recipe, save=False)
+    assert prepared.manifest["rows_rejected"] == 1 and max(encoded) < 100  # the huge field was never tokenized
+    assert prepared.manifest["rejects"][0]["line"] == 2
+    assert f"over the {bound:,}-character bound" in prepared.manifest["rejects"][0]["reason"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"input": ["ok", huge], "response": ["r", "r"], "witness": ["w", "w"]})
+    pq.write_table(table, tmp_path / "h.parquet")
+    _, rejects = load_triples(tmp_path / "h.parquet", skip_invalid=True, max_field_chars=bound)
+    assert [r.line for r in rejects] == [2] and "character bound" in rejects[0].reason
+
+
+def test_rejects_keep_a_short_excerpt_not_the_row(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(rows(row(), *[row(witness="", input="x" * 100_000, id=str(i)) for i in range(20)]))
+    _, rejects = load_triples(path, skip_invalid=True)
+    assert len(rejects) == 20 and all(len(r.excerpt) <= rawdata.EXCERPT_CHARS + 3 for r in rejects)
+    assert rejects[0].excerpt.startswith('{"input": "xxx') and rejects[0].excerpt.endswith("...")
+
+
+def test_prompts_are_streamed_with_the_line_cap(tmp_path, monkeypatch):
+    from tear_lora.compare import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"first\r\n\nsecond\n" + b"x" * 2000 + b"\n")
+    assert [p["input"] for p in read_prompts(path)] == ["first", "second", "x" * 2000]
+    monkeypatch.setattr(rawdata, "MAX_LINE_BYTES", 1000)
+    with pytest.raises(DataError, match=r"p.txt:4: line is 2,001 bytes, over the 1,000-byte limit"):
+        read_prompts(path)

@@ -138,6 +138,18 @@ def test_lock_refuses_a_second_holder_and_names_it(tmp_path):
     assert other.returncode == 0 and "got it" in other.stdout  # released when the holder leaves the block
 
 
+def test_umask_is_read_once_at_import_not_flipped_per_write(tmp_path, monkeypatch):
+    """Setting the umask to read it is process-wide: a thread creating a file meanwhile would get mode 0666."""
+    def no_umask(mask):
+        raise AssertionError("os.umask called after import")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    path = atomic_write_text(tmp_path / "f.txt", "x")
+    from tear_lora.rundir import UMASK
+
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~UMASK
+
+
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:

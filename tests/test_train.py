@@ -1,11 +1,15 @@
 """`tear-lora train` end to end in subprocesses, as a user runs it: adapter dir, reload, resume after SIGKILL."""
 
+import ast
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -38,6 +42,39 @@ def finish(process, timeout=600):
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out[-3000:]
     return out
+
+
+LOGGED_LOSS = re.compile(r"\{'loss': [^}]*\}")
+
+
+def logged_steps(out: str, log_history_file: Path) -> list[int | None]:
+    """The optimizer steps a process logged: each printed loss line matched, by its token counts, to the step of
+    an uninterrupted run's log (log_history.json) that trained on the same batch."""
+    by_batch = {(e["response_tokens"], e["witness_tokens"]): e["step"]
+                for e in json.loads(log_history_file.read_text()) if "loss" in e}
+    return [by_batch.get((d["response_tokens"], d["witness_tokens"]))
+            for d in map(ast.literal_eval, LOGGED_LOSS.findall(out))]
+
+
+def perturbed_copy(checkpoint: Path, to: Path) -> Path:
+    """A copy of `checkpoint` with one adapter tensor shifted (its marker rewritten to match): resuming from it
+    must give another adapter, which shows the resumed run really starts from the checkpoint's weights."""
+    from safetensors.torch import load_file, save_file
+
+    from tear_lora.rundir import read_marker, write_complete_marker
+
+    copy = Path(shutil.copytree(checkpoint, to))
+    weights = load_file(copy / "adapter_model.safetensors")
+    name = sorted(k for k in weights if "lora_B" in k)[0]
+    weights[name] = weights[name] + 0.5
+    save_file(weights, copy / "adapter_model.safetensors", metadata={"format": "pt"})
+    marker = read_marker(checkpoint)
+    write_complete_marker(copy, {k: v for k, v in marker.items() if k not in ("files", "kind")}, kind=marker["kind"])
+    return copy
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_train_end_to_end_and_reload_in_fresh_process(tmp_path, tiny_model_dir):
@@ -121,9 +158,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir
         diffs = {name: (straight[name] - resumed[name]).abs().max().item() for name in straight}
         assert max(diffs.values()) <= 1e-5, diffs
 
+    perturbed = perturbed_copy(tmp_path / "adapters" / marker.rsplit("/", 1)[0], tmp_path / "perturbed/checkpoint-2")
     out = finish(tear_lora("train", recipe, "--resume"))
     assert "resume: continuing from" in out and "checkpoint-2" in out and "adapter saved" in out
+    assert logged_steps(out, tmp_path / "adapters/straight/log_history.json") == [3, 4]  # only the remaining steps
     assert_matches_straight()
+    other = write_recipe(tmp_path, tiny_model_dir, "from-perturbed", **steps)  # same recipe, another run name
+    finish(tear_lora("train", other, "--resume", perturbed))
+    assert max_difference(straight, load_file(tmp_path / "adapters/from-perturbed/adapter_model.safetensors")) > 1e-3
     assert [p.name for p in (tmp_path / "adapters").iterdir() if p.name.startswith(".killed.tmp")] == []
 
     # Killed after the last checkpoint but before the final save: resuming at max_steps trains nothing more.

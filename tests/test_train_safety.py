@@ -13,12 +13,13 @@ import time
 import pytest
 import torch
 
-from tear_lora.rundir import COMPLETE_MARKER, exclusive_lock, lock_path_for, write_complete_marker
+from tear_lora.metadata import AdapterError
+from tear_lora.rundir import COMPLETE_MARKER, RunDirError, exclusive_lock, lock_path_for, write_complete_marker
 from tear_lora.train import Interrupted, TrainingFault, find_checkpoints, run
 from tear_lora.trainer import StopOnSignal, TearTrainer
 
 from .conftest import make_recipe
-from .test_train import finish, tear_lora, write_recipe
+from .test_train import finish, logged_steps, max_difference, perturbed_copy, tear_lora, write_recipe
 
 FAST = dict(max_steps=4, save_steps=2, learning_rate=1e-2, eval_strategy="no", logging_steps=1)
 
@@ -187,6 +188,44 @@ def test_resume_skips_incomplete_checkpoints_and_says_why(tmp_path, tiny_model_d
         run(recipe, resume=True)
 
 
+def test_resume_continues_the_interrupted_attempt_and_refuses_another_recipe(tmp_path, tiny_model_dir, monkeypatch,
+                                                                           capsys):
+    """Issue 20: run A finished (lr 1e-4, checkpoints 2 and 4); run B of the same name (overwrite, lr 5e-2) was
+    interrupted after checkpoint 2. `--resume` with B's recipe continues B, not A's newer checkpoint 4; with any
+    other recipe it is refused, naming the keys that differ, and nothing changes."""
+    from safetensors.torch import load_file
+
+    a = run(fast_recipe(tiny_model_dir, tmp_path, run_name="ab", learning_rate=1e-4))
+    a_weights = load_file(a / "adapter_model.safetensors")
+    b = fast_recipe(tiny_model_dir, tmp_path, run_name="ab", learning_rate=5e-2)
+    b.output.overwrite = True
+    calls, original = [], TearTrainer.training_step
+
+    def killed_in_step_3(self, *args, **kwargs):  # 2 micro-batches a step: the 5th call is step 3
+        calls.append(1)
+        if len(calls) > 4:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TearTrainer, "training_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(b)
+    monkeypatch.setattr(TearTrainer, "training_step", original)
+    assert leftovers(tmp_path, "ab") and max_difference(a_weights, load_file(a / "adapter_model.safetensors")) == 0
+
+    changed = fast_recipe(tiny_model_dir, tmp_path, run_name="ab", learning_rate=1e-4)
+    with pytest.raises(RunDirError, match=r"differs in 1 key\(s\): training.learning_rate \(0.05 -> 0.0001\)"):
+        run(changed, resume=True)
+    capsys.readouterr()
+    run(b, resume=True)
+    out = capsys.readouterr().out
+    assert "continuing from" in out and ".ab.tmp-" in out and "checkpoint-2 (step 2)" in out
+    assert all(e["learning_rate"] == 5e-2 for e in json.loads((a / "log_history.json").read_text()) if "loss" in e)
+    assert json.loads((a / "training_args.json").read_text())["learning_rate"] == 5e-2
+    assert max_difference(a_weights, load_file(a / "adapter_model.safetensors")) > 1e-3
+    assert leftovers(tmp_path, "ab") == []
+
+
 def test_resume_refuses_a_checkpoint_missing_trainable_keys(tmp_path, tiny_model_dir, tokenizer):
     from safetensors.torch import load_file, save_file
 
@@ -196,7 +235,7 @@ def test_resume_refuses_a_checkpoint_missing_trainable_keys(tmp_path, tiny_model
     trainer._load_from_checkpoint(str(tmp_path / "good"))  # a complete one loads
     state.pop(next(k for k in state if "lora_A" in k))
     save_file(state, tmp_path / "good/adapter_model.safetensors")
-    with pytest.raises(RuntimeError, match="missing trainable keys"):
+    with pytest.raises(AdapterError, match="missing trainable keys"):  # a user error: exit 2 in one line
         trainer._load_from_checkpoint(str(tmp_path / "good"))
 
 
@@ -219,11 +258,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     assert "Traceback" not in out and not (tmp_path / "adapters/term").exists()
     good, _ = find_checkpoints(tmp_path / "adapters/term")
     assert len(good) == 1 and 1 <= int(good[0].name.split("-")[1]) < 5
+    stopped_at = int(good[0].name.split("-")[1])
+    perturbed = perturbed_copy(good[0], tmp_path / "perturbed" / good[0].name)
 
-    finish(tear_lora("train", recipe, "--resume"))
+    out = finish(tear_lora("train", recipe, "--resume"))
+    assert logged_steps(out, tmp_path / "adapters/straight/log_history.json") == list(range(stopped_at + 1, 6))
     straight = load_file(tmp_path / "adapters/straight/adapter_model.safetensors")
     resumed = load_file(tmp_path / "adapters/term/adapter_model.safetensors")
-    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-5
+    assert max_difference(straight, resumed) <= 1e-5
+    finish(tear_lora("train", write_recipe(tmp_path, tiny_model_dir, "from-perturbed", **steps), "--resume", perturbed))
+    assert max_difference(straight, load_file(tmp_path / "adapters/from-perturbed/adapter_model.safetensors")) > 1e-3
 
 
 def test_second_signal_aborts_at_once():
@@ -246,11 +290,29 @@ def test_interrupted_is_exit_143_for_sigterm_and_130_for_sigint():
     assert TrainingFault.exit_code == 4
 
 
-def test_secrets_never_reach_the_disk(tmp_path, tiny_model_dir):
-    secret = "hf_SuperSecretToken123"
-    recipe = fast_recipe(tiny_model_dir, tmp_path, run_name="secret", max_steps=2, hub_token=secret)
-    run_dir = run(recipe)
-    for path in [p for p in run_dir.rglob("*") if p.is_file()]:
-        assert secret.encode() not in path.read_bytes(), path
-    assert "<masked>" in (run_dir / "recipe.yaml").read_text()
+def test_secrets_never_reach_the_disk(tmp_path, tiny_model_dir, tokenizer):
+    """Recipes may carry no credential (recipe.py refuses them at any depth of `training`), and the training
+    arguments we write are masked at every depth anyway: HF's own JSON masks only top-level `*_token` keys."""
+    from tear_lora.recipe import RecipeError
 
+    secret = "hf_SuperSecretToken123"
+    with pytest.raises(RecipeError, match="training.model_init_kwargs.token"):
+        fast_recipe(tiny_model_dir, tmp_path, run_name="secret", model_init_kwargs={"token": secret})
+    _, trainer = tiny_trainer(tmp_path, tiny_model_dir, tokenizer)
+    trainer.args.model_init_kwargs = {"token": secret, "nested": {"api_key": secret}}
+    trainer.save_model(str(tmp_path / "out"))
+    written = (tmp_path / "out/training_args.json").read_text()
+    assert secret not in written and json.loads(written)["model_init_kwargs"]["token"] == "<masked>"
+    assert not (tmp_path / "out/training_args.bin").exists()
+
+
+def test_a_run_writes_files_with_the_usual_permissions_and_no_local_path_in_its_card(tmp_path, tiny_model_dir):
+    """safetensors' save_file makes 0600 files; a run dir's files all get 0666 & ~umask (read once at import).
+    PEFT's card named the base by the absolute path it was loaded from."""
+    from tear_lora.rundir import UMASK
+
+    run_dir = run(fast_recipe(tiny_model_dir, tmp_path, run_name="perm", max_steps=1, save_strategy="no"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir() if p.is_file()}
+    assert set(modes.values()) == {0o666 & ~UMASK}, modes
+    card = (run_dir / "README.md").read_text()
+    assert str(tiny_model_dir) not in card and f"base_model: {tiny_model_dir.name}" in card

@@ -193,13 +193,34 @@ def test_resume_copy_refuses_a_checkpoint_holding_a_symlink(pair, tmp_path, caps
     secret = tmp_path / "secret.txt"
     secret.write_text("outside the checkpoint")
     os.symlink(secret, crafted / "extra.txt")
-    recipe = yaml.safe_load((pair["a"] / "recipe.yaml").read_text())
-    recipe["output"].update(dir=str(tmp_path / "adapters"), run_name="copied")
-    recipe_path = tmp_path / "copied.yaml"
-    recipe_path.write_text(yaml.safe_dump(recipe))
-    assert main(["train", str(recipe_path), "--resume", str(crafted)]) == 2
+    assert main(["train", str(_resume_recipe(pair, tmp_path)), "--resume", str(crafted)]) == 2
     one_line_error(capsys, "extra.txt", "symlink")
     assert not list((tmp_path / "adapters").glob(".copied.tmp-*"))  # the half copy is gone
+
+
+def _resume_recipe(pair, tmp_path: Path) -> Path:
+    recipe = yaml.safe_load((pair["a"] / "recipe.yaml").read_text())
+    recipe["output"].update(dir=str(tmp_path / "adapters"), run_name="copied")
+    path = tmp_path / "copied.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_resume_from_a_checkpoint_with_other_adapter_keys_is_one_line_exit_2(pair, tmp_path, capsys):
+    """Issue 21: a checkpoint whose adapter lacks a trainable tensor was a RuntimeError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from tear_lora.rundir import read_marker
+
+    checkpoint = next((pair["a"] / "checkpoints").glob("checkpoint-*"))
+    crafted = Path(shutil.copytree(checkpoint, tmp_path / "ckpt" / checkpoint.name))
+    weights = load_file(crafted / "adapter_model.safetensors")
+    weights.pop(next(k for k in sorted(weights) if "lora_A" in k))
+    save_file(weights, crafted / "adapter_model.safetensors", metadata={"format": "pt"})
+    marker = read_marker(checkpoint)
+    write_complete_marker(crafted, {k: v for k, v in marker.items() if k not in ("files", "kind")}, kind="checkpoint")
+    assert main(["train", str(_resume_recipe(pair, tmp_path)), "--resume", str(crafted)]) == 2
+    one_line_error(capsys, "does not match this model", "missing trainable keys")
 
 
 # ---- the rule itself ----------------------------------------------------------------------------------------------
@@ -233,3 +254,34 @@ def test_check_replaceable_needs_our_marker_of_the_same_kind_and_overwrite(tmp_p
     with pytest.raises(RunDirError, match="no kind"):
         check_replaceable(out, "merge output", "tear_lora.json", True, "pass --overwrite")
     check_replaceable(out, "merge output", "tear_lora.json", True, "pass --overwrite", legacy=True)
+
+
+def test_cards_name_the_base_without_the_users_path(pair, tiny_model_dir, tmp_path):
+    from tear_lora.export import write_model_card
+    from tear_lora.metadata import public_name
+
+    assert public_name(str(tiny_model_dir)) == tiny_model_dir.name and public_name("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
+    card = (pair["a"] / "README.md").read_text()
+    assert str(tiny_model_dir) not in card and str(tiny_model_dir.parent) not in card
+    merged = tmp_path / "m"
+    merged.mkdir()
+    meta = json.loads((pair["a"] / "tear_lora.json").read_text())
+    meta.pop("files")
+    meta["merged"] = {"base_weights": "dequantized", "dtype": "fp32", "adapter": str(pair["a"])}
+    (merged / "tear_lora.json").write_text(json.dumps(meta))
+    text = write_model_card(merged, "m").read_text()
+    assert f"base_model: {tiny_model_dir.name}" in text and str(tiny_model_dir.parent) not in text
+
+
+def test_gguf_refuses_a_converter_that_would_run_the_models_code(tmp_path):
+    conversion = pytest.importorskip("conversion")
+    from tear_lora.gguf_export import GGUFError, check_remote_code, remote_code_method
+
+    qwen3 = conversion.get_model_class("Qwen3ForCausalLM", mmproj=False)
+    assert remote_code_method(qwen3)  # its converter can reach a trust_remote_code=True tokenizer load
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+    check_remote_code(tmp_path, qwen3, trust_remote_code=False)  # no code of its own: nothing would run
+    (tmp_path / "tokenizer_config.json").write_text('{"auto_map": {"AutoTokenizer": ["tok.MyTok", null]}}')
+    with pytest.raises(GGUFError, match="pass --trust-remote-code"):
+        check_remote_code(tmp_path, qwen3, trust_remote_code=False)
+    check_remote_code(tmp_path, qwen3, trust_remote_code=True)
