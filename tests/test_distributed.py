@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import REPO, make_recipe
+from .test_train import LOGGED_LOSS, max_difference, perturbed_copy
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -126,14 +127,19 @@ def test_torchrun_cli_replaces_a_run_and_resumes(tmp_path, tiny_model_dir, three
     assert meta["world_size"] == 2 and meta["metrics"]["global_step"] == 2
     assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == [".r.lock", "r"]  # no work dir left
 
+    perturbed = perturbed_copy(run_dir / "checkpoints/checkpoint-2", tmp_path / "perturbed/checkpoint-2")
     resumed = launch([*cli, "--set", "training.max_steps=3", "--resume"])
     assert "continuing from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    assert len(LOGGED_LOSS.findall(resumed.stdout)) == 1  # only step 3 ran (the main process logs each step)
     assert json.loads((run_dir / "tear_lora.json").read_text())["metrics"]["global_step"] == 3
     # AdamW's first steps are ~lr x sign(gradient): float noise in a near-zero gradient can move an entry by up to
     # a step (2e-3 here), so the bound is absolute, 1% of a step; measured <= 1e-6
     got = load_file(run_dir / "adapter_model.safetensors")
     for name, tensor in three_steps.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=2e-5, msg=name)
+    # the checkpoint's weights are what the resumed processes start from: a shifted tensor there changes the result
+    launch([*cli, "--set", "training.max_steps=3", "--set", "output.run_name=r2", "--resume", str(perturbed)])
+    assert max_difference(three_steps, load_file(tmp_path / "adapters/r2/adapter_model.safetensors")) > 1e-3
     if fsdp:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

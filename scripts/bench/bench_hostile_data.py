@@ -52,7 +52,8 @@ def prepare_peak(raw: Path, out: Path, model: Path, code: Path = REPO) -> dict:
                str(REPO / "recipes/tiny-cpu.yaml"), "--set", f"model.name_or_path={model}", "--out", str(out),
                "--skip-invalid"]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=code)  # -m
+    # puts the working directory first on sys.path: it must be the checkout measured
     output = process.stdout.read().decode(errors="replace")
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
