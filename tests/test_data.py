@@ -226,7 +226,7 @@ def test_cache_in_use_stays_readable_while_other_settings_build(tmp_path, tokeni
     in_use_default = prepare(raw, tokenizer, recipe_64).dataset
     recipe_128 = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 128})
     prepare(raw, tokenizer, recipe_128)  # another cache dir
-    replaced = prepare(raw, tokenizer, recipe_128, out_dir=tmp_path / "shared")  # the same --out, swapped in
+    replaced = prepare(raw, tokenizer, recipe_128, out_dir=tmp_path / "shared", overwrite=True)  # same --out, swapped in
     assert in_use_default["input_ids"] == expected and in_use["input_ids"] == expected
     assert replaced.out_dir == tmp_path / "shared" and replaced.manifest["settings"]["max_seq_len"] == 128
 
@@ -255,8 +255,9 @@ def test_explicit_out_never_replaces_a_foreign_directory(tmp_path, tokenizer, re
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a processed-data directory"):
-        prepare(REPO / "data/raw/eval.jsonl", tokenizer, recipe, out_dir=mine)
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="is not a finished tear_lora processed data"):
+            prepare(REPO / "data/raw/eval.jsonl", tokenizer, recipe, out_dir=mine, overwrite=overwrite)
     assert (mine / "notes.txt").read_text() == "keep me"
 
 

@@ -348,12 +348,16 @@ def test_prepare_hostile_rows_train_or_land_in_rejects(tmp_path, tokenizer, tiny
     assert "field 'input': contains a lone surrogate" in rejects[0]["reason"]
 
 
-def test_prepare_huge_single_line_is_trimmed_not_lost(tmp_path, tokenizer, tiny_model_dir):
+def test_prepare_long_input_is_trimmed_up_to_the_bound_and_refused_beyond(tmp_path, tokenizer, tiny_model_dir):
+    """Up to data.field_bound (64 tokens x 128 characters here) a long input is trimmed from the left and kept;
+    a 1 MB one is refused at its line, never tokenized (issue 20: that cost +220 bytes per character)."""
     path = tmp_path / "huge.jsonl"
-    path.write_bytes(rows(row(input="word " * 200_000)))  # one 1 MB line
-    prepared = prepare(path, tokenizer, make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64}))
+    path.write_bytes(rows(row(input="word " * 1600), row(input="word " * 200_000, id="big")))  # 8 KB, 1 MB
+    recipe = make_recipe(tiny_model_dir, tmp_path, data={"max_seq_len": 64, "skip_invalid": True})
+    prepared = prepare(path, tokenizer, recipe)
     assert len(prepared.dataset) == 1 and len(prepared.dataset[0]["input_ids"]) == 64
     assert prepared.manifest["rows_trimmed"] == 1
+    assert [r["line"] for r in prepared.manifest["rejects"]] == [2] and "bound" in prepared.manifest["rejects"][0]["reason"]
 
 
 # ---- property-based fuzzing ------------------------------------------------------------------------------------
