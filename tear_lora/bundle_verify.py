@@ -23,7 +23,7 @@ def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, 
                   trust_remote_code: bool) -> dict:
     """Measure and write verify.json in `bundle_dir`; returns it (`passed`: every adapter and GGUF within bounds)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .adapters import adapter_recipe
     from .data import prepare
@@ -43,8 +43,9 @@ def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, 
     if manifest["base_gguf"]:  # before any LoRA is attached: the GGUF is the plain serving base
         from .gguf_export import verify_gguf
 
+        saved = AutoTokenizer.from_pretrained(bundle_dir / manifest["base"])  # with the chat template it holds
         result["base_gguf"] = verify_gguf(bundle_dir / manifest["base_gguf"], manifest["gguf_type"],
-                                          bundle_dir / manifest["base"], served, tokenizer, held_out, TOLERANCES)
+                                          bundle_dir / manifest["base"], served, saved, held_out, TOLERANCES)
     peft_model = None
     for adapter, entry in zip(adapters, manifest["adapters"]):
         name = entry["name"].replace(".", "_")  # PEFT adapter names may not contain '.'
