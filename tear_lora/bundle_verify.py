@@ -28,8 +28,8 @@ def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, 
     from .adapters import adapter_recipe
     from .data import prepare
     from .export import EXPORT_DTYPES, TOLERANCES, load_merge_base, merge_into
-    from .verify import agreement_over_rows, within_tolerance
     from .model import load_tokenizer_for
+    from .verify import agreement_over_rows, within_tolerance
 
     recipe = adapter_recipe(adapters[0], base, trust_remote_code)
     tokenizer = load_tokenizer_for(recipe)
