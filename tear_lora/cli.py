@@ -124,6 +124,41 @@ def cmd_merge(args) -> int:
     return 0 if all_passed(r) else 3
 
 
+def cmd_bundle(args) -> int:
+    """Exit 0 written (and verified), 2 user error, 3 verify beyond tolerance (an adapter or a GGUF)."""
+    from .serving import bundle
+
+    out = bundle(args.adapters, args.out, gguf=args.gguf, dtype=args.dtype, base=args.base,
+                 trust_remote_code=args.trust_remote_code, verify_rows=args.rows if args.verify else None,
+                 verify_data=args.data)
+    manifest = json.loads((out / "bundle.json").read_text())
+    print(f"bundle of {len(manifest['adapters'])} adapters -> {out} (base {out / manifest['base']}"
+          + (f", {out / manifest['base_gguf']}" if manifest["base_gguf"] else "") + ")")
+    for e in manifest["adapters"]:
+        print(f"  {e['name']} (lambda {e['lambda']}): {out / e['peft_dir']}" + (f", {out / e['gguf']}" if e["gguf"] else ""))
+    print(f"  serving commands: {out / 'README.md'}" + (f"; or: tear-lora serve {out}" if manifest["base_gguf"] else ""))
+    if not args.verify:
+        return 0
+    r = json.loads((out / "verify.json").read_text())  # verified in the build dir, before the marker
+    for name, check in r["adapters"].items():
+        gguf = check.get("gguf")
+        print(f"verify {name}, {r['rows']} rows / {check['positions']} positions vs its merged model: max |Δlogit| "
+              f"{check['max_abs_logit']:.3g}, mean KL {check['mean_kl']:.3g}, top-1 {check['top1_agreement']:.4f}: "
+              f"{'within' if check['passed'] else 'BEYOND'} tolerance"
+              + (f"; LoRA GGUF max |Δ| {gguf['max_abs']:.3g}: {'passed' if gguf['passed'] else 'FAILED'}" if gguf else ""))
+    if r.get("base_gguf"):
+        from .gguf_export import describe
+
+        print(f"verify base GGUF {describe(r['base_gguf'])}")
+    return 0 if r["passed"] else 3
+
+
+def cmd_serve(args) -> int:
+    from .llama_server import serve
+
+    return serve(args.bundle, args.host, args.port)
+
+
 def _gguf_outtypes(value: str) -> list[str]:
     from .gguf_export import parse_outtypes
 
@@ -278,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
                    "against the merged weights (needs pip install 'tear_lora[gguf]')")
     _release_args(p, report=False)
     p.set_defaults(func=cmd_merge)
+
+    p = verbs.add_parser("bundle", help="adapters of one base -> one serving base + a plain LoRA per adapter "
+                         "(llama-server, vLLM: every lambda on one server, chosen per request)")
+    p.add_argument("adapters", nargs="+", help="adapter dirs trained on one base (adapters/<run>)")
+    p.add_argument("--out", required=True, help="output dir: new, empty, or a previous complete bundle "
+                   "(replaced only once the new one is complete)")
+    p.add_argument("--gguf", choices=("f16", "q8_0"), help="also write the base and each LoRA as llama.cpp GGUF "
+                   "(needs the [gguf] extra and scripts/build_llama_server.sh for llama.cpp's LoRA converter)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="serving base dtype (default bf16)")
+    p.add_argument("--verify", action="store_true", help="each adapter's serving base + LoRA vs its merged model, "
+                   "and the GGUFs read back; exit 3 beyond tolerance")
+    p.add_argument("--data", help="triples for --verify (default: the first adapter's eval file)")
+    p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
+    _release_args(p, report=False)
+    p.set_defaults(func=cmd_bundle)
+
+    p = verbs.add_parser("serve", help="run llama-server on a bundle: every adapter loaded, chosen per request")
+    p.add_argument("bundle", help="a `tear-lora bundle --gguf` output dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("generate", help="generate a response, then its witness (or only the witness)")
     p.add_argument("source", help="adapter dir or merged model dir")
