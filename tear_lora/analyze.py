@@ -158,8 +158,8 @@ def witness_matching(scorer: Scorer, rows: list[dict]) -> dict:
     if not kept:
         return {"skipped": f"none of {len(complete)} contrast pairs fits data.max_seq_len"}
 
-    def per_token(nll):
-        return (nll[:, 0] / nll[:, 1]).reshape(kept, 4)
+    def per_token(nll):  # a witness with no words (punctuation only) scores 0 for the overlap model, not NaN
+        return (nll[:, 0] / np.maximum(nll[:, 1], 1)).reshape(kept, 4)
 
     lexical = _matching_stats(per_token(_overlap_scorer(rows).nll_rows(texts)), scorer.settings)
     return {"pairs": kept, "pairs_skipped": len(complete) - kept, "chance": 0.25,
