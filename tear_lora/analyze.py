@@ -13,9 +13,14 @@ model represents the impact of the response. Three instruments ask that more dir
    domain minus witness NLL after the true response, per witness token. Zero means the response is ignored.
 3. Impact probe, on rows with `meta.valence` helpful/harmful: the hidden state of every layer at `<|/response|>`
    (after the response, before any witness token), a logistic regression per layer, k-fold cross-validated
-   with fixed folds (scikit-learn), out-of-fold AUROC, beside the same probe on shuffled labels (the floor).
+   with fixed folds grouped by pair (scikit-learn), out-of-fold AUROC, beside the same probe on shuffled labels
+   (the floor).
 
-Intervals are percentile bootstraps over pairs / rows with a fixed seed. Everything runs the trainer's own
+Each instrument has a lexical control (tear_lora/lexical.py) on the same rows: the probe's is the same logistic
+regression on TF-IDF of the response text, reported as probe AUROC − lexical AUROC ("beyond_lexical") with a
+bootstrap interval; matching and sensitivity get a smoothed word-overlap model of the witness given the response.
+A model represents impact beyond the words only where it beats these. Intervals are percentile bootstraps over
+pairs / rows with a fixed seed. Everything runs the trainer's own
 pieces (template, tokenize_row, final hidden states, chunked NLL), so numbers mean what eval's numbers mean.
 """
 
@@ -31,6 +36,7 @@ import torch
 
 from .batch import SpanCollator, final_hidden_states, unwrap_causal_lm
 from .data import tokenize_row
+from .lexical import OverlapScorer, auroc_difference, out_of_fold, probe_folds, text_probe_scores
 from .loss import span_targets, token_nll
 from .rawdata import load_triples
 from .template import WITNESS
@@ -117,6 +123,21 @@ def _bootstrap(values: np.ndarray, settings: Settings, weights: np.ndarray | Non
     return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
 
 
+def _matching_stats(per_token: np.ndarray, settings: Settings) -> dict:
+    """[pairs, 4] per-token NLL of (wA|A, wB|A, wA|B, wB|B) -> accuracy and margin, model or lexical alike."""
+    a_after_a, b_after_a, a_after_b, b_after_b = per_token.T
+    side_a, side_b = a_after_a < b_after_a, b_after_b < a_after_b
+    match = (side_a & side_b).astype(float)
+    margin = ((b_after_a - a_after_a) + (a_after_b - b_after_b)) / 2
+    return {"accuracy": float(match.mean()), "accuracy_ci": _bootstrap(match, settings),
+            "side_accuracy": float((side_a.mean() + side_b.mean()) / 2), "margin_nats": float(margin.mean()),
+            "margin_ci": _bootstrap(margin, settings)}
+
+
+def _overlap_scorer(rows: list[dict]) -> OverlapScorer:
+    return OverlapScorer([r["response"] for r in rows] + [r["witness"] for r in rows])
+
+
 def witness_matching(scorer: Scorer, rows: list[dict]) -> dict:
     pairs = defaultdict(dict)
     for row in rows:
@@ -127,22 +148,23 @@ def witness_matching(scorer: Scorer, rows: list[dict]) -> dict:
                 p["helpful"]["input"] == p["harmful"]["input"]]
     if not complete:
         return {"skipped": "no contrast pairs (rows sharing meta.pair and input, one helpful and one harmful)"}
-    encoded, kept = [], 0
+    encoded, texts = [], []
     for a, b in complete:  # NLL(wA|A), NLL(wB|A), NLL(wA|B), NLL(wB|B)
         four = [scorer.encode(a["input"], r["response"], w["witness"]) for r in (a, b) for w in (a, b)]
         if all(four):
             encoded += four
-            kept += 1
-    per_token = scorer.witness_nll(encoded, "matching")
-    per_token = (per_token[:, 0] / per_token[:, 1]).reshape(kept, 4)
-    a_after_a, b_after_a, a_after_b, b_after_b = per_token.T
-    side_a, side_b = a_after_a < b_after_a, b_after_b < a_after_b
-    match = (side_a & side_b).astype(float)
-    margin = ((b_after_a - a_after_a) + (a_after_b - b_after_b)) / 2
-    return {"pairs": kept, "pairs_skipped": len(complete) - kept, "accuracy": float(match.mean()),
-            "accuracy_ci": _bootstrap(match, scorer.settings), "chance": 0.25,
-            "side_accuracy": float((side_a.mean() + side_b.mean()) / 2), "margin_nats": float(margin.mean()),
-            "margin_ci": _bootstrap(margin, scorer.settings)}
+            texts += [(r["response"], w["witness"]) for r in (a, b) for w in (a, b)]
+    kept = len(encoded) // 4
+    if not kept:
+        return {"skipped": f"none of {len(complete)} contrast pairs fits data.max_seq_len"}
+
+    def per_token(nll):  # a witness with no words (punctuation only) scores 0 for the overlap model, not NaN
+        return (nll[:, 0] / np.maximum(nll[:, 1], 1)).reshape(kept, 4)
+
+    lexical = _matching_stats(per_token(_overlap_scorer(rows).nll_rows(texts)), scorer.settings)
+    return {"pairs": kept, "pairs_skipped": len(complete) - kept, "chance": 0.25,
+            **_matching_stats(per_token(scorer.witness_nll(encoded, "matching")), scorer.settings),
+            "lexical": {k: lexical[k] for k in ("accuracy", "accuracy_ci", "margin_nats", "margin_ci")}}
 
 
 def mismatched_partners(rows: list[dict], seed: int) -> list[int | None]:
@@ -167,7 +189,7 @@ def mismatched_partners(rows: list[dict], seed: int) -> list[int | None]:
 
 def response_sensitivity(scorer: Scorer, rows: list[dict]) -> dict:
     partner = mismatched_partners(rows, scorer.settings.seed)
-    true_rows, swapped_rows = [], []
+    true_rows, swapped_rows, kept = [], [], []
     for i, j in enumerate(partner):
         if j is None:
             continue
@@ -175,31 +197,43 @@ def response_sensitivity(scorer: Scorer, rows: list[dict]) -> dict:
         if true and swapped:
             true_rows.append(true)
             swapped_rows.append(swapped)
+            kept.append((i, j))
     if not true_rows:
         return {"skipped": "no two rows of one meta.domain with different responses"}
     true, swapped = scorer.witness_nll(true_rows, "true responses"), scorer.witness_nll(swapped_rows, "swapped")
     difference, tokens = swapped[:, 0] - true[:, 0], true[:, 1]
+    overlap = _overlap_scorer(rows)
+    lex_true = overlap.nll_rows([(rows[i]["response"], rows[i]["witness"]) for i, _ in kept])
+    lex_swapped = overlap.nll_rows([(rows[j]["response"], rows[i]["witness"]) for i, j in kept])
+    lex_difference, lex_words = lex_swapped[:, 0] - lex_true[:, 0], lex_true[:, 1]
     return {"rows": len(true_rows), "witness_tokens": int(tokens.sum()),
             "nats_per_token": float(difference.sum() / tokens.sum()),
             "ci": _bootstrap(difference, scorer.settings, tokens),
             "true_witness_nll": float(true[:, 0].sum() / tokens.sum()),
-            "swapped_witness_nll": float(swapped[:, 0].sum() / tokens.sum())}
+            "swapped_witness_nll": float(swapped[:, 0].sum() / tokens.sum()),
+            "lexical": {"nats_per_word": float(lex_difference.sum() / lex_words.sum()),
+                        "ci": _bootstrap(lex_difference, scorer.settings, lex_words)}}
 
 
 def impact_probe(scorer: Scorer, rows: list[dict]) -> dict:
+    """Folds are stratified and grouped by meta.pair (a row without one is its own group); the lexical control is
+    the same logistic regression on TF-IDF of the response text, on the same folds. "beyond_lexical" compares them
+    at the best layer, which was picked on the same rows: an optimistic choice for the probe, never for the words."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    encoded, labels = [], []
-    for row in rows:
-        valence = (row.get("meta") or {}).get("valence")
+    encoded, labels, texts, groups = [], [], [], []
+    for k, row in enumerate(rows):
+        meta = row.get("meta") or {}
+        valence = meta.get("valence")
         pair = scorer.encode(row["input"], row["response"], row["witness"]) if valence in VALENCE_LABELS else None
         if pair:
             encoded.append(pair)
             labels.append(VALENCE_LABELS[valence])
+            texts.append(row["response"])
+            groups.append(("pair", str(meta["pair"])) if meta.get("pair") is not None else ("row", k))
     labels = np.array(labels)
     folds = min(scorer.settings.folds, int(np.bincount(labels, minlength=2).min()) if len(labels) else 0)
     if folds < 2:
@@ -207,19 +241,27 @@ def impact_probe(scorer: Scorer, rows: list[dict]) -> dict:
     states = scorer.response_end_states(encoded)
     layer_ids = scorer.settings.layers or list(range(states.shape[0]))
     shuffled = np.random.default_rng(scorer.settings.seed).permutation(labels)
-    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=scorer.settings.seed)
+    splits = probe_folds(labels, groups, folds, scorer.settings.seed)
 
-    def auroc(features, y):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-        return float(roc_auc_score(y, cross_val_predict(probe, features, y, cv=cv, method="predict_proba")[:, 1]))
+    def scores(features, y):
+        return out_of_fold(lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)), features, y,
+                           splits)
 
-    per_layer = [{"layer": layer, "auroc": auroc(states[k], labels), "shuffled_auroc": auroc(states[k], shuffled)}
+    layer_scores = [scores(states[k], labels) for k in range(len(layer_ids))]
+    per_layer = [{"layer": layer, "auroc": float(roc_auc_score(labels, layer_scores[k])),
+                  "shuffled_auroc": float(roc_auc_score(shuffled, scores(states[k], shuffled)))}
                  for k, layer in enumerate(layer_ids)]
-    best = max(per_layer, key=lambda r: r["auroc"])
-    return {"rows": len(labels), "harmful": int(labels.sum()), "folds": folds, "layers": per_layer,
-            "best_layer": best["layer"], "best_auroc": best["auroc"],
+    best_k = max(range(len(per_layer)), key=lambda k: per_layer[k]["auroc"])
+    best = per_layer[best_k]
+    lexical = text_probe_scores(texts, labels, splits)
+    beyond = auroc_difference(labels, layer_scores[best_k], lexical, groups, scorer.settings.bootstrap,
+                              scorer.settings.seed)
+    return {"rows": len(labels), "harmful": int(labels.sum()), "folds": folds, "grouped_by_pair": len(set(groups))
+            < len(groups), "layers": per_layer, "best_layer": best["layer"], "best_auroc": best["auroc"],
             "shuffled_auroc_at_best": best["shuffled_auroc"],
-            "shuffled_auroc_max": max(r["shuffled_auroc"] for r in per_layer)}
+            "shuffled_auroc_max": max(r["shuffled_auroc"] for r in per_layer),
+            "lexical_auroc": float(roc_auc_score(labels, lexical)), "beyond_lexical": beyond["difference"],
+            "beyond_lexical_ci": beyond["ci"]}
 
 
 def analyze_model(scorer: Scorer, rows: list[dict]) -> dict:

@@ -245,6 +245,16 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_split_domains(args) -> int:
+    from .splits import domain_split
+
+    summary = domain_split(args.files, args.hold_out.split(","), args.out)
+    _emit(summary, args.json, lambda: "\n".join(
+        f"{s['source']}: {s['in']['rows']} rows in -> {s['in']['path']}, {s['out']['rows']} held out -> "
+        f"{s['out']['path']}" for s in summary))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import plot_training_curves, summary_table
 
@@ -383,6 +393,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     _release_args(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = verbs.add_parser("split-domains", help="cut triple files by meta.domain: train on some, measure on the rest")
+    p.add_argument("files", nargs="+", help="triple files; each gives <out>/<stem>.in.jsonl and <stem>.out.jsonl")
+    p.add_argument("--hold-out", required=True, help="comma-separated meta.domain values to hold out, e.g. code,health")
+    p.add_argument("--out", required=True, help="directory for the split files")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_split_domains)
 
     p = verbs.add_parser("report", help="summary table and training-curve PNG of a run")
     p.add_argument("adapter", help="adapters/<run> directory")

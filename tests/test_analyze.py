@@ -5,6 +5,10 @@
   sensitivity.
 - The probe finds valence where the response carries it (yes/no before `<|/response|>`), not in the embedding
   layer (the same tag token on every row), and not with shuffled labels.
+- The lexical controls can fail both ways: where valence is spelled out in the words (yes/no; a witness repeating
+  its response's word), the words-only control reaches the model (probe − words contains 0); where it is carried
+  only by a number no bag of words can generalise (a dose above or below 50 mg, every dose a new word), a tiny
+  model trained to use it beats the control on the probe and on matching.
 """
 
 import json
@@ -52,25 +56,62 @@ def random_model_dir(tmp_path_factory, tagged_tokenizer):
 def copy_model_dir(tmp_path_factory, tagged_tokenizer):
     """Full fine-tune of the tiny model on `<|input|>Say a word.<|/input|><|response|> w<|/response|><|witness|> w`:
     the witness is the response's word, so it can only be predicted by reading the response."""
+    model = _train_witness(tagged_tokenizer, [(PROMPT, w, w) for w in WORDS], steps=70)  # it has learned to copy
+    return _save(model, tagged_tokenizer, tmp_path_factory.mktemp("copy"))
+
+
+def _train_witness(tokenizer, triples, steps):
+    """Full fine-tune of the tiny model on the witness tokens of equal-length (input, response, witness) rows."""
     from tear_lora import template
     from tear_lora.tiny import tiny_qwen3
     from tear_lora.tokens import fit_embeddings
 
     model = tiny_qwen3(0)
-    fit_embeddings(model, tagged_tokenizer)
-    rows = [template.encode(tagged_tokenizer, template.segments(PROMPT, w, w))[:2] for w in WORDS]
+    fit_embeddings(model, tokenizer)
+    rows = [template.encode(tokenizer, template.segments(*triple))[:2] for triple in triples]
     ids, roles = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     targets = roles[:, 1:] == template.WITNESS
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     torch.manual_seed(0)
-    for _ in range(70):
+    for _ in range(steps):
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1][targets]  # only the witness positions
         loss = torch.nn.functional.cross_entropy(model.lm_head(hidden), ids[:, 1:][targets])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.5, loss.item()  # it has learned to copy
-    return _save(model.eval(), tagged_tokenizer, tmp_path_factory.mktemp("copy"))
+    assert loss.item() < 0.5, loss.item()
+    return model.eval()
+
+
+# Doses: below 50 mg the witness is " fine", above it " sick". Every dose is its own two-digit word, so a bag of
+# words never sees a test dose in training; the model sees the tens digit (Qwen3 splits digits) and can learn it.
+LOW_DOSES, HIGH_DOSES = list(range(10, 50, 2))[:16], list(range(61, 100, 2))[:16]
+
+
+def _dose_triples():
+    """(pair, input, response, witness, valence) for 16 pairs: one input, a low and a high dose."""
+    rows = []
+    for k, (low, high) in enumerate(zip(LOW_DOSES, HIGH_DOSES)):
+        prompt = f"Patient {chr(65 + k)} asks for a dose."
+        rows += [(f"d{k}", prompt, f" take {low} mg", " fine", "helpful"),
+                 (f"d{k}", prompt, f" take {high} mg", " sick", "harmful")]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dose_model_dir(tmp_path_factory, tagged_tokenizer):
+    """Trained so that the witness depends only on whether the dose is above 50 mg."""
+    model = _train_witness(tagged_tokenizer, [(prompt, response, witness) for _, prompt, response, witness, _
+                                              in _dose_triples()], steps=120)
+    return _save(model, tagged_tokenizer, tmp_path_factory.mktemp("dose"))
+
+
+@pytest.fixture(scope="module")
+def dose_file(tmp_path_factory):
+    rows = [{"id": f"{pair}-{valence}", "input": prompt, "response": response, "witness": witness,
+             "meta": {"domain": "dose", "valence": valence, "pair": pair}}
+            for pair, prompt, response, witness, valence in _dose_triples()]
+    return _write(tmp_path_factory.mktemp("dose-data") / "dose.jsonl", rows)
 
 
 def _write(path, rows):
@@ -101,6 +142,9 @@ def test_model_that_reads_the_response_matches_and_is_sensitive(copy_model_dir, 
     assert matching["margin_nats"] > 2.0 and matching["margin_ci"][0] > 1.0
     assert sensitivity["rows"] == 12 and sensitivity["nats_per_token"] > 2.0 and sensitivity["ci"][0] > 1.0
     assert sensitivity["swapped_witness_nll"] > sensitivity["true_witness_nll"] + 2.0
+    # the witness repeats its response's word: the words-only control matches every pair as well
+    assert matching["lexical"]["accuracy"] == 1.0 and matching["lexical"]["margin_nats"] > 0.5
+    assert sensitivity["lexical"]["nats_per_word"] > 0.5
 
 
 def test_model_that_ignores_the_response_gets_zero_margin_and_sensitivity(random_model_dir, pairs_file):
@@ -125,6 +169,21 @@ def test_probe_finds_valence_only_where_the_response_carries_it(random_model_dir
     assert probe["best_auroc"] >= 0.9 and probe["best_layer"] > 0
     assert probe["shuffled_auroc_at_best"] < probe["best_auroc"] - 0.2
     assert _result(report)["matching"] == {"skipped": _result(report)["matching"]["skipped"]}  # no pairs here
+    # valence is spelled out in the words: the TF-IDF control reads it too, so nothing is beyond the words
+    assert probe["lexical_auroc"] == 1.0 and not probe["grouped_by_pair"]
+    low, high = probe["beyond_lexical_ci"]
+    assert probe["beyond_lexical"] <= 0.0 and low <= 0.0 <= high + 1e-9
+
+
+def test_valence_carried_only_by_a_number_beats_the_words_only_controls(dose_model_dir, dose_file):
+    result = _result(analyze([dose_model_dir], [dose_file], Settings(folds=4, bootstrap=200)))
+    probe, matching = result["probe"], result["matching"]
+    assert probe["rows"] == 32 and probe["grouped_by_pair"]
+    assert probe["lexical_auroc"] == pytest.approx(0.5)  # no test dose was ever a training word
+    assert probe["best_auroc"] >= 0.9 and probe["beyond_lexical"] >= 0.4 and probe["beyond_lexical_ci"][0] > 0.1
+    # the model prefers each witness after its own dose; word overlap cannot tell " fine" from " sick"
+    assert matching["pairs"] == 16 and matching["accuracy"] >= 0.9 and matching["margin_ci"][0] > 0.5
+    assert matching["lexical"]["accuracy"] == 0.0 and matching["lexical"]["margin_nats"] == pytest.approx(0.0)
 
 
 def test_mismatched_partners_stay_in_domain_and_never_self():
@@ -164,8 +223,10 @@ def test_study_tables_group_seeds_and_arms():
     from tear_lora.analyze_report import study_tables
 
     def source(name, kind, lam, seed, accuracy, weights=None):
-        result = {"matching": {"accuracy": accuracy, "margin_nats": 0.1}, "sensitivity": {"nats_per_token": 0.2},
-                  "probe": {"best_auroc": 0.8}}
+        interval = [accuracy - 0.1, accuracy + 0.1] if name in "ab" else None
+        result = {"matching": {"accuracy": accuracy, "accuracy_ci": interval, "margin_nats": 0.1,
+                               "lexical": {"accuracy": 0.2}},
+                  "sensitivity": {"nats_per_token": 0.2}, "probe": {"best_auroc": 0.8}}
         return {"name": name, "kind": kind, "lambda": lam, "seed": seed, "response_weight": weights or {},
                 "data": {"c.jsonl": result}}
 
@@ -173,7 +234,9 @@ def test_study_tables_group_seeds_and_arms():
               "sources": [source("a", "adapter", 1.0, 42, 0.5), source("b", "adapter", 1.0, 7, 0.7),
                           source("c", "adapter", 0.0, 42, 0.25), source("w", "adapter", 1.0, 42, 0.9, {"harmful": 0}),
                           source("base", "base", None, None, 0.3)]}
-    table = study_tables(report).splitlines()[:8]  # the first table: title, blank, header, rule, 4 rows
-    assert table[2] == "| arm | λ | seed 42 | seed 7 | mean | ± half-range |"
-    assert table[4:] == ["| plain | 0 | 0.250 | - | 0.250 | - |", "| plain | 1 | 0.500 | 0.700 | 0.600 | 0.100 |",
-                         "| witness-only | 1 | 0.900 | - | 0.900 | - |", "| base | - | - | - | 0.300 | - |"]
+    table = study_tables(report).splitlines()[:9]  # the first table: title, blank, header, rule, 5 rows
+    assert table[2] == "| arm | λ | seed 42 | seed 7 | mean | ± half-range | 95% CI |"
+    assert table[4:] == ["| plain | 0 | 0.250 | - | 0.250 | - | - |",
+                         "| plain | 1 | 0.500 | 0.700 | 0.600 | 0.100 | [0.400, 0.800] |",
+                         "| witness-only | 1 | 0.900 | - | 0.900 | - | - |", "| base | - | - | - | 0.300 | - | - |",
+                         "| words only | - | - | - | 0.200 | - | - |"]
