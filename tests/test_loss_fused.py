@@ -41,7 +41,7 @@ def batch(seed=0, b=3, t=30):
 
 def loss_and_grads(model, input_ids, roles, lam, weights, how, denominators=None, scale=1.0):
     """(loss, d/d hidden, d/d every trainable tensor) through the model's own decoder and output layer."""
-    from tear_lora.trainer import final_hidden_states, unwrap_causal_lm
+    from tear_lora.batch import final_hidden_states, unwrap_causal_lm
 
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     hidden = final_hidden_states(model, input_ids, torch.ones_like(input_ids))
