@@ -25,9 +25,9 @@ def bench_loss_small(tmp_path, *impls):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["tokens"]) for r in rows] == [(impl, 24) for impl in impls]
-    for row in rows:  # random head (std 0.02), unit hidden states: logits near 0, so the NLL is near ln(vocab)
+    for row in rows:  # random head (std 0.02), unit hidden states: logits near 0, each NLL near ln(vocab)
         assert isinstance(row["peak_bytes"], int) and row["time_s"] > 0
-        assert abs(row["loss"] - math.log(1000)) < 0.5, row
+        assert abs(row["loss"] - 2 * math.log(1000)) < 0.5, row  # response + witness means
     return rows
 
 
@@ -77,14 +77,14 @@ def test_gpu_suite_smoke_runs_every_stage_end_to_end(tmp_path):
         "loss": "ok", "layer": "ok", "train": "ok", "switches": "ok", "recipe": "ok", "long": "ok",
         "multi": "skipped (0 GPUs)"}
     (loss,) = json.loads((out / "loss_cpu.json").read_text())
-    assert loss["impl"] == "chunked" and abs(loss["loss"] - math.log(1000)) < 0.5 and loss["time_s"] > 0
+    assert loss["impl"] == "chunked" and abs(loss["loss"] - 2 * math.log(1000)) < 0.5 and loss["time_s"] > 0
     layer = json.loads((out / "layer_cpu.json").read_text())
     assert layer["tokens"] == 32 and layer["measured_saved_bytes_per_token"] > 0 < layer["plan_saved_bytes_per_token"]
     train = {r["trainer"]: r for r in json.loads((out / "train_qwen3-1.7b_seq2048_cpu.json").read_text())}
     assert sorted(train) == ["stock", "stock-best", "tear"] and all("error" not in r for r in train.values())
     for row in train.values():  # 2 warm-up steps, 1 timed: its median is its min and max
         assert (row["warmup_steps"], row["timed_steps"], row["spread"]) == (2, 1, 0)
-        assert row["step_s_min"] == row["time_per_step_s"] == row["step_s_max"] == row["step_times_s"][2]
+        assert row["step_s_min"] == row["time_per_step_s"] == row["step_s_max"] == round(row["step_times_s"][2], 4)
     # random weights: every token's NLL is near ln(vocab); ours adds the witness mean at lambda 1, so about twice
     assert train["tear"]["train_loss"] == pytest.approx(2 * train["stock"]["train_loss"], rel=0.05)
     assert train["stock-best"]["train_loss"] == pytest.approx(train["stock"]["train_loss"], rel=0.05)
