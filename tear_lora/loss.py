@@ -12,11 +12,12 @@ tokens always have weight 1. Without weights every count and loss is exactly the
 
 Memory: a `[batch, seq, vocab]` fp32 logits tensor is 8 x 2048 x 151,936 x 4 bytes = 10 GB. We take the final
 hidden states, keep only positions that predict a response or witness token, and push them through the
-model's own (PEFT-wrapped) output layer in chunks, so at most one chunk of logits exists at a time and it is
-recomputed in backward. For the usual output layer (a frozen Linear, tied or not, with PEFT's trainable token
-rows) `_ProjectedNLL` reads the frozen matrix and the trainable rows directly: no merged [V, H] copy per chunk,
-no full-size weight gradient, one fp32 logits buffer. Any other output module goes through its own forward
-under activation checkpointing. No library does span-weighted chunked CE with PEFT's trainable token rows
+model's own (PEFT-wrapped) output layer in chunks, so at most one chunk of logits exists at a time. For the usual
+output layer (a frozen Linear, tied or not, with PEFT's trainable token rows) `_FusedSpanLoss` reads the frozen
+matrix and the trainable rows directly (no merged [V, H] copy, no full-size weight gradient) and finishes each
+chunk's gradient while its logits exist, keeping only the [N, H] hidden-state and [6, H] row gradients.
+`_ProjectedNLL` (per-token NLL with a recomputing backward) serves `token_nll`'s callers. Any other output module
+goes through its own forward under activation checkpointing. No library does span-weighted chunked CE with PEFT's trainable token rows
 (cut-cross-entropy, Liger and TRL's fused head take one raw weight), hence this small module.
 """
 
@@ -169,6 +170,76 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+class _FusedSpanLoss(torch.autograd.Function):
+    """`sum_i coef_i * nll_i` of `hidden @ W.T` (W = frozen weight with `rows` at `row_ids`), and the per-token NLL,
+    with the gradients computed chunk by chunk in forward: only the [N, H] hidden-state gradient and the [n_rows, H]
+    row gradient are kept, never logits.
+
+    Why not `_ProjectedNLL` + autograd: that computes each chunk's logits twice (forward, then again in backward
+    to turn them into their gradient). The loss is linear in each token's NLL with coefficients known before the
+    forward (`coef`: the row weight over the step's response count, or lambda over the step's witness count), so
+    the gradient can be finished while the logits are still there: two matmuls per chunk instead of three, and a
+    saved [N, H] gradient in place of the saved [N, H] input. Backward only scales by the incoming scalar (the
+    DDP world-size factor, a loss scale). The same arithmetic as `_ProjectedNLL`'s backward, chunk for chunk.
+    TRL's `ChunkedLogProbFunction` recomputes in backward too and knows no token rows.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, rows, targets, coef, weight, row_ids, chunk_size, want_grad):
+        n = hidden.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) \
+            if want_grad and rows is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_size):
+                end = min(start + chunk_size, n)
+                h, t = hidden[start:end], targets[start:end]
+                z = _project(h, weight, row_ids, rows).float()  # a no-op copy when the compute dtype is fp32
+                target_logit = z.gather(1, t[:, None]).squeeze(1)
+                top = z.amax(dim=1, keepdim=True)
+                sum_exp = z.sub_(top).exp_().sum(dim=1)  # in place: z now holds exp(z - max)
+                nll[start:end] = sum_exp.log().add_(top.squeeze(1)).sub_(target_logit)
+                if not want_grad:
+                    continue
+                grad = z.div_(sum_exp[:, None])  # softmax
+                grad[torch.arange(end - start, device=grad.device), t] -= 1.0
+                grad = grad.mul_(coef[start:end, None]).to(hidden.dtype)
+                if row_ids is not None:
+                    grad_cols = grad[:, row_ids]
+                    grad[:, row_ids] = 0  # those columns came from `rows`, not `weight`
+                    grad_rows += grad_cols.float().t() @ h.float()
+                torch.mm(grad, weight, out=grad_hidden[start:end])
+                if row_ids is not None:
+                    grad_hidden[start:end] += grad_cols @ rows
+        ctx.save_for_backward(grad_hidden, grad_rows)
+        ctx.rows_dtype = rows.dtype if rows is not None else None
+        ctx.mark_non_differentiable(nll)
+        return (nll * coef).sum(), nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_nll):
+        grad_hidden, grad_rows = ctx.saved_tensors
+        if grad_hidden is None:
+            raise RuntimeError("span loss computed without gradients (no input required grad) was backpropagated")
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_rows = (grad_rows * grad_loss).to(ctx.rows_dtype) if grad_rows is not None and ctx.needs_input_grad[1] \
+            else None
+        return grad_hidden, grad_rows, None, None, None, None, None, None
+
+
+def fused_span_loss(hidden: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, parts,
+                    chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i coef_i * nll_i, per-token NLL) through the output layer's `projection_parts`, gradients done in
+    forward (`_FusedSpanLoss`). Without grad mode, or nothing requiring grad, it computes the NLL only."""
+    dtype = compute_dtype(hidden)
+    weight, row_ids, rows = parts
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or (rows is not None and rows.requires_grad))
+    weight, rows_c = weight.to(dtype), rows.to(dtype) if rows is not None else None  # once, not per chunk
+    return _FusedSpanLoss.apply(hidden.to(dtype), rows_c, targets, coef.float(), weight, row_ids, chunk_size,
+                                want_grad)
+
+
 def token_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer, chunk_size: int = 256,
               fast: bool = True) -> torch.Tensor:
     """Per-token NLL of `targets` given `hidden` [N, H], one chunk of logits alive at a time.
@@ -209,21 +280,26 @@ def span_loss(hidden: torch.Tensor, targets: SpanTargets, output_layer, lambda_:
 
     `denominators` = [response, witness] token counts of the whole optimizer step (the response count weighted
     like `targets`); None means this batch's own counts (evaluation, or no accumulation). A span with zero
-    (weighted) tokens contributes zero, never a division by zero. Weights multiply the per-token NLL outside
-    `token_nll`, so its backward gets each token's gradient scaled by its weight.
+    (weighted) tokens contributes zero, never a division by zero. Each target's coefficient in the loss (its
+    row weight over the response count, or lambda over the witness count) scales its gradient.
     """
     selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[targets.positions]
-    nll = token_nll(selected, targets.targets, output_layer, chunk_size)
     is_response = targets.roles == RESPONSE
-    response_mask = is_response if targets.weights is None else targets.weights.to(nll.dtype) * is_response
-    response_sum = (nll * response_mask).sum()
-    witness_sum = (nll * ~is_response).sum()
+    response_mask = is_response.float() if targets.weights is None else targets.weights.float() * is_response
     counts = targets.counts()
     denominators = counts if denominators is None else denominators.to(counts.device)
     # not clamp(min=1): a weighted count may be a positive fraction; an empty span (0) divides by 1 instead
-    denominators = torch.where(denominators > 0, denominators, torch.ones_like(denominators)).to(nll.dtype)
-    loss = response_sum / denominators[0] + lambda_ * witness_sum / denominators[1]
-    return SpanLoss(loss, response_sum.detach(), witness_sum.detach(), counts)
+    denominators = torch.where(denominators > 0, denominators, torch.ones_like(denominators))
+    parts = projection_parts(output_layer)
+    if parts is not None:  # the usual output layer: gradients finished in forward, no logits recomputed
+        coef = response_mask / denominators[0] + lambda_ * (~is_response) / denominators[1]
+        loss, nll = fused_span_loss(selected, targets.targets, coef, parts, chunk_size)
+    else:
+        nll = token_nll(selected, targets.targets, output_layer, chunk_size, fast=False)
+        d = denominators.to(nll.dtype)
+        loss = (nll * response_mask).sum() / d[0] + lambda_ * (nll * ~is_response).sum() / d[1]
+    nll = nll.detach()
+    return SpanLoss(loss, (nll * response_mask).sum(), (nll * ~is_response).sum(), counts)
 
 
 def naive_span_loss(logits: torch.Tensor, input_ids: torch.Tensor, span_roles: torch.Tensor,

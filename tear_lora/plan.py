@@ -184,6 +184,22 @@ def attention_mask_bytes(recipe: Recipe, micro_batch: int, seq_len: int, act: in
     return micro_batch * seq_len * seq_len if micro_batch > 1 or recipe.data.packing else 0
 
 
+TRL_OFFLOAD_STASH = 5  # trl OffloadActivations' max_fwd_stash_size: saved tensors kept on the GPU while copying
+
+
+def offloaded_layers(recipe: Recipe, layers: int) -> int:
+    """How many layers' checkpointed inputs are on the GPU at once. All of them without offloading; with TRL's
+    `training.activation_offloading` the forward stash (up to 5 tensors, taken as 5 layers: an upper bound); with
+    transformers' `activation_checkpointing_kwargs.offload` (synchronous copies) the one being copied. Not yet
+    checked against a GPU measurement (docs/performance.md, round 3)."""
+    training = recipe.training
+    if training.get("activation_offloading"):
+        return min(layers, TRL_OFFLOAD_STASH)
+    if (training.get("activation_checkpointing_kwargs") or {}).get("offload"):
+        return min(layers, 1)
+    return layers
+
+
 def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
              nproc: int = 1) -> tuple[dict[str, int], str, int]:
     """(components, peak phase, peak allocated bytes) for one training step at this micro-batch and length, per
@@ -214,7 +230,7 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
             (1 + share) if shape.tied else (share + 1 + share)) if fsdp else matrix * (1 if shape.tied else 2),
         "norms": (shape.layers * (2 * h + 2 * shape.head_dim) + h) * s["weight"] * share,
         "LoRA + token rows: weights, grads, optimizer": trainable_bytes * share,
-        "checkpointed layer inputs": shape.layers * tokens * h * act + mask
+        "checkpointed layer inputs": offloaded_layers(recipe, shape.layers) * tokens * h * act + mask
         + tokens * shape.head_dim * 2 * 4,  # + the attention mask (if any), rotary cos/sin
     }
     if fsdp:

@@ -44,6 +44,7 @@ from .rundir import (
     swap_in,
     write_complete_marker,
 )
+from .speed import machine_switches
 from .tokens import structural_token_ids
 from .trainer import NonFiniteError, StopOnSignal, TearTrainer
 from .workdir import (  # noqa: F401 - find_checkpoints and latest_checkpoint are this module's interface too
@@ -72,12 +73,17 @@ class Interrupted(RuntimeError):
         self.exit_code = 128 + signum
 
 
-def sft_config(recipe: Recipe, output_dir: str | Path | None = None, overrides: dict | None = None):
-    """The recipe's `training` section as TRL's SFTConfig, plus the settings our data and loss need."""
+def sft_config(recipe: Recipe, output_dir: str | Path | None = None, overrides: dict | None = None,
+               notes: list[str] | None = None):
+    """The recipe's `training` section as TRL's SFTConfig, plus the settings our data and loss need; switches this
+    machine cannot run are turned off (speed.machine_switches), with a line appended to `notes`."""
     import torch
     from trl import SFTConfig
 
     kwargs = dict(recipe.training) | (overrides or {})
+    switched = machine_switches(kwargs, torch.cuda.is_available(), recipe.source or "recipe")
+    if notes is not None:
+        notes.extend(switched)
     if not torch.cuda.is_available():  # without it HF runs each torchrun process alone instead of DDP over gloo
         kwargs.setdefault("use_cpu", True)
     # every trainable tensor gets a gradient each step (the tag rows too: each row holds tags), so DDP can skip
@@ -103,7 +109,7 @@ def check_training_args(recipe: Recipe) -> list[str]:
     if mixed and not torch.cuda.is_available():  # the recipe can still be right for the GPU it targets
         overrides = {k: False for k in mixed}
         notes.append(f"{'/'.join(mixed)} needs a GPU: checked without it; training here would fail")
-    sft_config(recipe, output_dir=tempfile.gettempdir(), overrides=overrides)
+    sft_config(recipe, output_dir=tempfile.gettempdir(), overrides=overrides, notes=notes)
     return notes
 
 

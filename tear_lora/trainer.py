@@ -107,8 +107,9 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
             loss = loss * self.args.world_size  # DDP averages gradients over ranks; the counts were global
         plain = result.counts[0] if weights is None else count_span_tokens(inputs["span_roles"])[0]
         totals = torch.stack([result.response_nll_sum.double(), result.witness_nll_sum.double(),
-                              *result.counts.double(), plain.double()]).cpu()
-        self._span_totals[mode] += totals
+                              *result.counts.double(), plain.double()])
+        # kept on the device until `log`: a .cpu() here would make every micro-batch wait for the GPU
+        self._span_totals[mode] = self._span_totals[mode].to(totals.device) + totals
         self._weighted[mode] |= weights is not None
         return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -116,7 +117,8 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         totals = self._span_totals[mode]
         if self.args.world_size > 1:
-            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum").cpu()
+            totals = self.accelerator.reduce(totals.to(self.args.device), reduction="sum")
+        totals = totals.cpu()  # one device sync per log line
         if totals[4] + totals[3] > 0:
             prefix = "eval_" if mode == "eval" else ""
             # response_loss is the mean that is optimised: row-weighted when weights are on (sum w*nll / sum w*n)

@@ -227,3 +227,18 @@ def test_one_layer_measured_within_5_percent_of_the_formula(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = json.loads(out.read_text())
     assert 0.95 < row["plan_over_measured"] < 1.05 and 0.95 < row["plan_over_measured_layer"] < 1.05, row
+
+
+def test_activation_offloading_moves_the_checkpointed_inputs_off_the_card():
+    """28 layers' inputs at 8 x 2048 tokens are 28 x 16,384 x 2,048 x 2 B; TRL's offloader keeps at most its
+    5-tensor stash of them, transformers' synchronous offload one."""
+    base = plan(qwen_recipe("training.per_device_train_batch_size=8", "data.max_seq_len=2048"))
+    trl = plan(qwen_recipe("training.per_device_train_batch_size=8", "data.max_seq_len=2048",
+                           "training.activation_offloading=true"))
+    hf = plan(qwen_recipe("training.per_device_train_batch_size=8", "data.max_seq_len=2048",
+                          "training.activation_checkpointing_kwargs={'offload': true}"))
+    layer = 8 * 2048 * 2048 * 2
+    key = "checkpointed layer inputs"
+    assert base.components[key] - trl.components[key] == (28 - 5) * layer
+    assert base.components[key] - hf.components[key] == (28 - 1) * layer
+    assert hf.peak_allocated < trl.peak_allocated < base.peak_allocated

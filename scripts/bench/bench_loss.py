@@ -5,7 +5,9 @@
 
 What runs (forward + backward, vocab 151,936, hidden 2048, weights in --dtype, loss in fp32):
   naive           the full [1, N, V] logits through the PEFT-wrapped head, then `naive_span_loss`
-  chunked         `span_loss` as the trainer calls it (fast path: frozen matrix + trainable token rows)
+  chunked         `span_loss` as the trainer calls it (fast path, `_FusedSpanLoss`: frozen matrix + trainable token
+                  rows, gradients finished in forward, nothing recomputed)
+  chunked_recompute  the fast path before that: `token_nll` (`_ProjectedNLL`, logits recomputed in backward)
   chunked_module  `span_loss` forced through the wrapped module under checkpointing (the path before the fast one)
   trl_fused       TRL's `ChunkedLogProbFunction`, what stock `SFTTrainer` runs (raw weight: no token rows)
 
@@ -27,7 +29,7 @@ import sys
 import time
 
 VOCAB, HIDDEN, TAG_IDS = 151_936, 2048, list(range(151_669, 151_675))
-IMPLS = ("naive", "chunked", "chunked_module", "trl_fused")
+IMPLS = ("naive", "chunked", "chunked_recompute", "chunked_module", "trl_fused")
 # Predicted bytes per (token x vocab) element for naive, a little above the measured CPU slope (12.0 B in bf16
 # for N = 1024..4096: bf16 logits, fp32 copies and gradients alive at once); the others hold one chunk at a time.
 NAIVE_BYTES_PER_ELEMENT = {"bfloat16": 12.5, "float32": 16}
@@ -72,6 +74,7 @@ def step(impl: str, head, hidden, input_ids, roles, chunk: int) -> float:
     import torch
 
     from tear_lora import loss as L
+    from tear_lora.template import RESPONSE
 
     hidden.grad = None
     if impl == "naive":
@@ -84,6 +87,13 @@ def step(impl: str, head, hidden, input_ids, roles, chunk: int) -> float:
             loss = L.span_loss(hidden, L.span_targets(input_ids, roles), head, 1.0, chunk_size=chunk).loss
         finally:
             L.projection_parts = original
+    elif impl == "chunked_recompute":
+        targets = L.span_targets(input_ids, roles)
+        selected = hidden[:, :-1].reshape(-1, hidden.shape[-1])[targets.positions]
+        nll = L.token_nll(selected, targets.targets, head, chunk)
+        is_response = targets.roles == RESPONSE
+        counts = targets.counts().float()
+        loss = (nll * is_response).sum() / counts[0] + (nll * ~is_response).sum() / counts[1]
     elif impl == "trl_fused":
         from trl.kernels import ChunkedLogProbFunction
 
@@ -195,9 +205,9 @@ def main(argv=None) -> int:
             peak = f"{row['peak_bytes'] / 2**20:9.0f}" if row["peak_bytes"] is not None else f"{'-':>9s}"
             secs = f"{row['time_s']:8.2f}" if row["time_s"] is not None else f"{'-':>8s}"
             print(f"{impl:15s} {n:7d} {peak} {secs}  {row.get('skipped', '')}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            if args.json:  # after every row: a long CPU run interrupted keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
     return 0
 
 

@@ -10,8 +10,13 @@ dropout 0.05 on all linear layers, activation checkpointing (non-reentrant), the
 (paged_adamw_8bit on CUDA, adamw_torch on CPU), bf16. (a) `tear`: our recipe path (structural token rows
 trainable, span loss). (b) `stock`: `SFTTrainer(model, peft_config=LoraConfig(...))` on the same token ids as
 prompt/completion (completion_only_loss: the response and witness carry the loss, as in ours), nothing else.
+(c) `stock-best`: the best plain TRL 1.16 offers without us: (b) plus `packing=True` (bfd, which turns on
+padding-free), `activation_offloading` (CUDA) and Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA, when installed).
+Switch arms of ours, one recipe override each (TEAR_ARMS): `tear-offload` (training.activation_offloading),
+`tear-liger`, `tear-fused-adamw`, `tear-dropout0`.
 
-Each (trainer, micro-batch) runs in a fresh subprocess. Timing: optimizer steps after the first (warm-up).
+Each (trainer, micro-batch) runs in a fresh subprocess. Timing: optimizer steps after the first --warmup ones;
+the row has the median and min/max (`spread` = (max - min) / median), so a ratio comes with its noise.
 Memory, CUDA: max_memory_allocated / max_memory_reserved over training (weights included). CPU: the peak
 resident set during training (VmHWM, reset through /proc/self/clear_refs before `train()`) and the resident set
 before the model loaded; with --trace-memory also the profiler's traced torch allocations (traced_train), which is
@@ -32,6 +37,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+TEAR_ARMS = {"tear": [], "tear-offload": ["training.activation_offloading=true"],
+             "tear-liger": ["training.use_liger_kernel=true"], "tear-fused-adamw": ["training.optim=adamw_torch_fused"],
+             "tear-dropout0": ["lora.dropout=0.0"]}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
 
 
@@ -172,7 +180,7 @@ def emulate_cuda_saved_tensors() -> None:
     torch.nn.functional.dropout = dropout
 
 
-def bench_recipe(model_dir: Path, args, micro_batch: int, cuda: bool):
+def bench_recipe(model_dir: Path, args, micro_batch: int, cuda: bool, arm: str = "tear"):
     from tear_lora.recipe import load_recipe
 
     return load_recipe(REPO / "recipes" / "qwen3-1.7b-base.yaml", [
@@ -181,7 +189,7 @@ def bench_recipe(model_dir: Path, args, micro_batch: int, cuda: bool):
         "training.gradient_accumulation_steps=1", f"training.max_steps={args.steps}", "training.logging_steps=1000",
         "training.save_strategy='no'", "training.eval_strategy='no'", "training.report_to=none",
         f"training.optim={args.optim or ('paged_adamw_8bit' if cuda else 'adamw_torch')}", "training.warmup_steps=0",
-        "training.dataloader_num_workers=0"] + ([] if cuda else ["training.use_cpu=true"]))
+        "training.dataloader_num_workers=0"] + ([] if cuda else ["training.use_cpu=true"]) + TEAR_ARMS.get(arm, []))
 
 
 def worker(args) -> dict:
@@ -199,7 +207,7 @@ def worker(args) -> dict:
         emulate_cuda_saved_tensors()
     model_dir, micro_batch = Path(args.model_dir), args.micro_batch[0]
     base_rss = rss("VmRSS")
-    recipe = bench_recipe(model_dir, args, micro_batch, cuda)
+    recipe = bench_recipe(model_dir, args, micro_batch, cuda, args.trainer)
     data = rows(micro_batch * args.steps, args.seq)
     timer = StepTimer(cuda)
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
@@ -225,6 +233,10 @@ def worker(args) -> dict:
 
         from tear_lora.model import DTYPES, guard_bnb_cpu, quantization_config
 
+        best = args.trainer == "stock-best"
+        from tear_lora.speed import LIGER_KERNELS, liger_installed
+
+        liger = best and cuda and liger_installed()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=DTYPES[recipe.model.dtype], quantization_config=quantization_config(recipe.model),
@@ -236,7 +248,9 @@ def worker(args) -> dict:
             max_steps=args.steps, learning_rate=t["learning_rate"], lr_scheduler_type=t["lr_scheduler_type"],
             optim=t["optim"], bf16=t["bf16"], activation_checkpointing=True,
             activation_checkpointing_kwargs={"use_reentrant": False}, completion_only_loss=True,
-            max_length=args.seq, logging_steps=1000, save_strategy="no", report_to="none", use_cpu=not cuda)
+            max_length=args.seq, logging_steps=1000, save_strategy="no", report_to="none", use_cpu=not cuda,
+            packing=best, activation_offloading=best and cuda, use_liger_kernel=liger,
+            liger_kernel_config=LIGER_KERNELS if liger else None)
         lora = recipe.lora
         peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=lora.target_modules, task_type="CAUSAL_LM")
@@ -253,11 +267,14 @@ def worker(args) -> dict:
         result, traced = traced_train(trainer, model)
     else:
         result, traced = trainer.train(), None
-    timed = timer.times[1:] or timer.times
+    timed = timer.times[args.warmup:] or timer.times
     step_s = statistics.median(timed)
     row = {"trainer": args.trainer, "shape": args.shape, "layers": shape_config(args.shape, args.layers).num_hidden_layers,
            "seq": args.seq, "micro_batch": micro_batch, "steps": len(timer.times), "step_times_s": timer.times,
            "time_per_step_s": round(step_s, 4), "tokens_per_s": round(micro_batch * args.seq / step_s, 1),
+           "warmup_steps": min(args.warmup, len(timer.times)), "timed_steps": len(timed),
+           "step_s_min": round(min(timed), 4), "step_s_max": round(max(timed), 4),
+           "spread": round((max(timed) - min(timed)) / step_s, 4),
            "train_loss": round(result.training_loss, 4), "device": args.device, "chunk": args.chunk,
            "cuda_like": bool(args.cuda_like and not cuda)}
     if cuda:
@@ -275,7 +292,9 @@ def worker(args) -> dict:
                 "rss_peak_train_bytes": rss("VmHWM"), "rss_peak_above_start_bytes": rss("VmHWM") - base_rss}
     if traced is not None:
         row |= {"traced_peak_allocated_bytes": traced, "timing_under_profiler": True}
-    if args.trainer == "tear":
+    if args.trainer == "stock-best":
+        row["liger"] = liger
+    if args.trainer.startswith("tear"):
         from tear_lora.plan import plan
 
         config = json.loads((model_dir / "config.json").read_text())
@@ -291,7 +310,8 @@ def run_one(model_dir: Path, trainer: str, micro_batch: int, args) -> dict:
     carries into the next. `args` are this script's parsed arguments (bench_long_context passes its own)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--trainer", trainer, "--model-dir",
            str(model_dir), "--micro-batch", str(micro_batch), "--shape", args.shape, "--seq", str(args.seq),
-           "--steps", str(args.steps), "--device", args.device, "--chunk", str(args.chunk)]
+           "--steps", str(args.steps), "--device", args.device, "--chunk", str(args.chunk),
+           "--warmup", str(getattr(args, "warmup", 1))]
     for flag, value in (("--layers", args.layers), ("--optim", args.optim), ("--peak-tflops", args.peak_tflops)):
         cmd += [flag, str(value)] if value is not None else []
     cmd += ["--trace-memory"] if args.trace_memory else []
@@ -310,11 +330,11 @@ def replan(rows: list[dict]) -> list[dict]:
     from tear_lora.plan import plan
 
     for row in rows:
-        if row.get("trainer") != "tear" or "error" in row:
+        if not row.get("trainer", "").startswith("tear") or "error" in row:
             continue
         cuda = row["device"] == "cuda"
         args = argparse.Namespace(seq=row["seq"], chunk=row["chunk"], steps=row["steps"], optim=None)
-        recipe = bench_recipe(Path("unused"), args, row["micro_batch"], cuda)
+        recipe = bench_recipe(Path("unused"), args, row["micro_batch"], cuda, row["trainer"])
         p = plan(recipe, config=shape_config(row["shape"], row["layers"]).to_dict(), source=row["shape"])
         row |= {"plan_peak_allocated_bytes": p.peak_allocated, "plan_card_bytes": p.card_bytes, "plan_phase": p.phase}
     return rows
@@ -330,9 +350,10 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, help="override the number of layers (quick CPU runs)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro-batch", default="1,4,8", type=lambda s: [int(x) for x in s.split(",")])
-    parser.add_argument("--steps", type=int, default=5, help="optimizer steps (the first is warm-up, not timed)")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps, warm-up included")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps not timed")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
-    parser.add_argument("--trainers", default="tear,stock")
+    parser.add_argument("--trainers", default="tear,stock", help=f"comma-separated: stock, stock-best, {', '.join(TEAR_ARMS)}")
     parser.add_argument("--chunk", type=int, default=256, help="objective.loss_chunk_size for ours")
     parser.add_argument("--optim", help="override the optimizer (default paged_adamw_8bit on CUDA, adamw_torch CPU)")
     parser.add_argument("--peak-tflops", type=float, help="GPU bf16 dense peak for MFU (default: from the name)")
@@ -394,10 +415,12 @@ def print_ratios(results: list[dict], device: str) -> None:
     key = "peak_allocated_bytes" if device == "cuda" else "rss_peak_above_start_bytes"
     by = {(r["trainer"], r["micro_batch"]): r for r in results if "error" not in r}
     for (trainer, mb), ours in by.items():
-        stock = by.get(("stock", mb))
-        if trainer == "tear" and stock:
-            print(f"mb {mb}: ours/stock memory {ours[key] / stock[key]:.2f}x, "
-                  f"speed {ours['tokens_per_s'] / stock['tokens_per_s']:.2f}x", flush=True)
+        for name in ("stock", "stock-best"):
+            other = by.get((name, mb))
+            if trainer.startswith("tear") and other:
+                print(f"mb {mb}: {trainer}/{name} memory {ours[key] / other[key]:.2f}x, speed "
+                      f"{ours['tokens_per_s'] / other['tokens_per_s']:.2f}x (spread {ours['spread']:.0%} / "
+                      f"{other['spread']:.0%})", flush=True)
 
 
 if __name__ == "__main__":

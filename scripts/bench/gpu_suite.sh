@@ -11,7 +11,11 @@
 # Stages, each a script in scripts/bench/ with its own docstring:
 #   loss    bench_loss.py          our chunked span loss vs full logits vs TRL's fused head, 4k/16k/32k tokens
 #   layer   bench_layer.py         what one decoder layer keeps for backward per token vs the plan's formula
-#   train   bench_train.py         TearTrainer vs stock SFTTrainer + PEFT QLoRA, seq 2048 x micro-batch 1/4/8
+#   train   bench_train.py         tear vs stock vs stock-best (TRL packing + padding-free, activation offloading,
+#                                  Liger if installed), seq 2048 x micro-batch 1/4/8, 2 warm-up + 10 timed steps,
+#                                  each arm in a fresh process: median and min-max step time
+#   switches bench_train.py        our switches one at a time (tear-offload, tear-fused-adamw, tear-liger,
+#                                  tear-dropout0) at micro-batch 8 / 1, against the train stage's `tear` rows
 #   recipe  bench_recipe.py        recipes/qwen3-1.7b-base.yaml for 20 steps, padded and packed (data.packing)
 #   long    bench_long_context.py  micro-batch 1 at 8k/16k/32k, all 28 layers, vs `tear-lora plan`
 #   multi   bench_distributed.py   DDP and FSDP per-rank memory under torchrun, only with 2+ GPUs
@@ -28,7 +32,7 @@ cd "$REPO"
 DEVICE=cuda
 SMOKE=0
 OUT=""
-ONLY="loss,layer,train,recipe,long,multi"
+ONLY="loss,train,switches"  # fits one 10-minute call; layer,recipe,long,multi were measured in the last round
 TOTAL_S=""
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 while [ $# -gt 0 ]; do
@@ -58,7 +62,8 @@ if [ "$SMOKE" = 1 ]; then
     SHAPE=tiny
     LOSS_ARGS=(--tokens 64 --impl chunked --vocab 1000 --hidden 32 --dtype float32)
     LAYER_ARGS=(--shape tiny --tokens 32)
-    TRAIN_ARGS=(--shape tiny --seq 64 --micro-batch 1 --steps 1)
+    TRAIN_ARGS=(--shape tiny --seq 64 --micro-batch 1 --steps 3 --warmup 2 --trainers tear,stock,stock-best)
+    SWITCH_ARGS=(--shape tiny --seq 64 --micro-batch 1 --steps 2 --warmup 1 --trainers tear-fused-adamw)
     RECIPE_ARGS=(--shape tiny --steps 1 --set data.max_seq_len=256 --set training.per_device_train_batch_size=2
                  --set training.gradient_accumulation_steps=1)
     LONG_ARGS=(--shape tiny --seq 256)
@@ -66,9 +71,13 @@ if [ "$SMOKE" = 1 ]; then
 else
     SHAPE=qwen3-1.7b
     # naive at 32k tokens would need ~60 GB of logits: skipped by --max-gb, its size is a known linear fit
-    LOSS_ARGS=(--tokens 4096 --tokens 16384 --tokens 32768 --max-gb 40)
+    LOSS_ARGS=(--tokens 4096 --tokens 16384 --tokens 32768 --max-gb 40 --chunk 256 --impl chunked --impl chunked_recompute
+               --impl trl_fused)
     LAYER_ARGS=(--shape qwen3-1.7b --tokens 2048)
-    TRAIN_ARGS=(--shape qwen3-1.7b --seq 2048 --micro-batch 1,4,8 --steps 3)  # 1 warm-up + 2 timed
+    TRAIN_ARGS=(--shape qwen3-1.7b --seq 2048 --micro-batch 1,4,8 --steps 12 --warmup 2
+                --trainers tear,stock,stock-best)
+    SWITCH_ARGS=(--shape qwen3-1.7b --seq 2048 --micro-batch 8 --steps 12 --warmup 2
+                 --trainers tear-offload,tear-fused-adamw,tear-liger,tear-dropout0)
     RECIPE_ARGS=(--shape qwen3-1.7b --steps 20)
     LONG_ARGS=(--shape qwen3-1.7b --seq 8192,16384,32768)
     LIMIT_S=""
@@ -118,7 +127,7 @@ wait_for_model() {
 }
 
 if wants loss; then
-    run_stage loss 60 "$PY" scripts/bench/bench_loss.py --device "$DEVICE" "${LOSS_ARGS[@]}" \
+    run_stage loss 70 "$PY" scripts/bench/bench_loss.py --device "$DEVICE" "${LOSS_ARGS[@]}" \
         --json "$OUT/loss_${DEVICE}.json"
 fi
 if wants layer; then  # a one-layer model of its own: small, built by the stage itself
@@ -127,8 +136,12 @@ if wants layer; then  # a one-layer model of its own: small, built by the stage 
 fi
 wait_for_model
 if wants train; then
-    run_stage train 210 "$PY" scripts/bench/bench_train.py --device "$DEVICE" "${TRAIN_ARGS[@]}" \
+    run_stage train 330 "$PY" scripts/bench/bench_train.py --device "$DEVICE" "${TRAIN_ARGS[@]}" \
         --model-root "$MODELS" --json "$OUT/train_qwen3-1.7b_seq2048_${DEVICE}.json"
+fi
+if wants switches; then
+    run_stage switches 160 "$PY" scripts/bench/bench_train.py --device "$DEVICE" "${SWITCH_ARGS[@]}" \
+        --model-root "$MODELS" --json "$OUT/switches_qwen3-1.7b_seq2048_${DEVICE}.json"
 fi
 if wants recipe; then
     run_stage recipe 120 "$PY" scripts/bench/bench_recipe.py --device "$DEVICE" "${RECIPE_ARGS[@]}" --modes padded,packed \

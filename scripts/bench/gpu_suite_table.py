@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 
 GIB, MIB = 2**30, 2**20
-FILES = {"loss": "loss", "layer": "layer", "train": "train_qwen3-1.7b_seq2048", "recipe": "recipe_qwen3-1.7b-base",
-         "long": "long_context", "multi": "distributed"}
+FILES = {"loss": "loss", "layer": "layer", "train": "train_qwen3-1.7b_seq2048",
+         "switches": "switches_qwen3-1.7b_seq2048", "recipe": "recipe_qwen3-1.7b-base", "long": "long_context",
+         "multi": "distributed"}
 
 
 def load(directory: Path, name: str, device: str):
@@ -93,6 +94,25 @@ def train_section(rows: list[dict]) -> list[str]:
     return out
 
 
+def arms_table(rows: list[dict]) -> list[str]:
+    """Every arm of one run, with its step-time spread; ratios to `stock-best` at the same micro-batch."""
+    out = ["### Every arm (median of the timed steps; spread = (max - min) / median)", "",
+           "| trainer | micro-batch | seq | peak allocated GiB | peak reserved GiB | tok/s | s/step min–max | spread "
+           "| MFU | plan / measured | memory / stock-best | speed / stock-best |", "|---" * 12 + "|"]
+    best = {r["micro_batch"]: r for r in rows if r.get("trainer") == "stock-best" and not problem(r)}
+    for r in rows:
+        if problem(r):
+            out.append(f"| {r.get('trainer')} | {r.get('micro_batch')} | {r.get('seq')} | {problem(r)} |" + " |" * 8)
+            continue
+        b = best.get(r["micro_batch"], {})
+        out.append(f"| {r['trainer']} | {r['micro_batch']} | {r['seq']} | {gib(peak(r))} | "
+                   f"{gib(r.get('peak_reserved_bytes'))} | {r.get('tokens_per_s')} | "
+                   f"{r.get('step_s_min', '–')}–{r.get('step_s_max', '–')} | {r.get('spread', '–')} | {r.get('mfu', '–')} | "
+                   f"{ratio(r.get('plan_peak_allocated_bytes'), peak(r))} | {ratio(peak(r), peak(b))} | "
+                   f"{ratio(r.get('tokens_per_s'), b.get('tokens_per_s'))} |")
+    return out
+
+
 def table(title: str, columns: list[str], rows: list[dict], label: str, cells) -> list[str]:
     """A section: one markdown line per row, `cells(row)` its columns; a failed or skipped row shows why instead."""
     out = [title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -135,8 +155,9 @@ def multi_section(rows: list[dict]) -> list[str]:
     return out
 
 
-SECTIONS = {"loss": loss_section, "layer": layer_section, "train": train_section, "recipe": recipe_section, "long": long_section,
-            "multi": multi_section}
+SECTIONS = {"loss": loss_section, "layer": layer_section, "train": lambda rows: train_section(rows) + [""] + arms_table(rows),
+            "switches": lambda rows: ["## Switches, one at a time (`bench_train.py`; compare with `tear` above)", ""]
+            + arms_table(rows)[2:], "recipe": recipe_section, "long": long_section, "multi": multi_section}
 
 
 def render(directory: Path, device: str) -> str:
