@@ -29,7 +29,7 @@ python -c "import json,sys; from tear_lora.evaluate import format_table; print(f
 echo "== 4/6 merge into the dequantized base, verify against 4-bit base + adapter"
 # DEMO_GGUF=f16 (or f16,q8_0) also writes llama.cpp / Ollama GGUFs and verifies them; off by default: it adds
 # ~90 s on 2 busy cores (conversion ~3 s, the rest is the GGUF verify), over the demo's ~30 s budget for extras.
-tear-lora merge "$RUN" --out "$MERGED" --dtype fp32 --verify --rows 8 ${DEMO_GGUF:+--gguf "$DEMO_GGUF"}
+tear-lora merge "$RUN" --out "$MERGED" --overwrite --dtype fp32 --verify --rows 8 ${DEMO_GGUF:+--gguf "$DEMO_GGUF"}
 
 echo "== 5/6 generate on three held-out inputs (merged model, plain transformers weights)"
 python - "$EVAL" <<'PY' | while IFS= read -r line; do

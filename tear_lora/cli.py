@@ -155,8 +155,9 @@ def cmd_bundle(args) -> int:
 
 def cmd_serve(args) -> int:
     from .llama_server import serve
+    from .serving import read_bundle
 
-    return serve(args.bundle, args.host, args.port)
+    return serve(args.bundle, read_bundle(args.bundle), args.host, args.port)
 
 
 def _gguf_outtypes(value: str) -> list[str]:

@@ -159,12 +159,10 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def serve(bundle_dir: str | Path, host: str = "127.0.0.1", port: int = 8080) -> int:
-    """`tear-lora serve`: run llama-server on the bundle until Ctrl-C / SIGTERM, then stop it cleanly."""
-    from .serving import read_bundle
-
+def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port: int = 8080) -> int:
+    """`tear-lora serve`: run llama-server on the bundle (its checked bundle.json as `manifest`, from
+    serving.read_bundle) until Ctrl-C / SIGTERM, then stop it cleanly."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_bundle(bundle_dir)
     command = server_command(find_llama_server(), bundle_dir, manifest, host, port)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
     try:
