@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# THE test command: set-up, lint, tests. Fast tests by default (< 10 min on 2 CPU cores);
+# THE test command: set-up, lint, tests. Fast tests by default (count and time: docs/demo.md);
 # `bash scripts/test.sh -m slow` runs the slow ones (real pretrained model), `-m ''` runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
