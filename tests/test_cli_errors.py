@@ -36,10 +36,13 @@ def bad_inputs(tmp_path):
         (["sweep", str(missing), "--lambdas", "0,x"], "lambdas"),
         (["analyze", str(missing), "--data", str(empty)], str(missing)),
         (["report", str(not_adapter)], str(not_adapter)),
+        (["bundle", str(missing), "--out", str(tmp_path / "bundle")], str(missing)),
+        (["serve", str(not_adapter)], str(not_adapter)),
+        (["split-domains", str(empty), "--hold-out", "code", "--out", str(tmp_path / "split")], str(empty)),
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(18))
 def test_each_verb_refuses_bad_input_in_one_line(case, tmp_path, capsys):
     argv, named = bad_inputs(tmp_path)[case]
     assert main(argv) == 2, argv
@@ -52,7 +55,7 @@ def test_bad_inputs_cover_every_verb(tmp_path):
 
     verbs = set(build_parser()._subparsers._group_actions[0].choices)
     assert {argv[0] for argv, _ in bad_inputs(tmp_path)} == verbs
-    assert len(bad_inputs(tmp_path)) == 15
+    assert len(bad_inputs(tmp_path)) == 18
 
 
 def test_non_finite_loss_exits_4_without_a_traceback(tmp_path, tiny_model_dir):
