@@ -220,6 +220,13 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def _verify_args(p: argparse.ArgumentParser, compared: str, default_data: str) -> None:
+    """--verify / --data / --rows, as merge and bundle share them."""
+    p.add_argument("--verify", action="store_true", help=f"{compared}; exit 3 beyond tolerance")
+    p.add_argument("--data", help=f"triples for --verify (default: {default_data})")
+    p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
+
+
 def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = False, report: bool = True) -> None:
     if base:
         p.add_argument("--base", help="local copy of the base the adapter was trained on (default: its recipe's)")
@@ -314,10 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dequantized: the NF4 weights it was trained on (default, reproduces the trained model); "
                    "original: the unquantized weights (differs by the quantization error)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="export dtype (default bf16)")
-    p.add_argument("--verify", action="store_true", help="compare logits with 4-bit base + adapter; exit 3 "
-                   "beyond tolerance")
-    p.add_argument("--data", help="triples for --verify (default: the recipe's eval file)")
-    p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
+    _verify_args(p, "compare logits with 4-bit base + adapter", "the recipe's eval file")
     p.add_argument("--gguf", type=_gguf_outtypes, default=[], metavar="TYPE[,TYPE]",
                    help="also write <run>-<TYPE>.gguf for llama.cpp / Ollama (f16, bf16, q8_0; comma-separated) "
                    "with llama.cpp's converter, and an Ollama Modelfile for the first; --verify checks each "
@@ -333,10 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", choices=("f16", "q8_0"), help="also write the base and each LoRA as llama.cpp GGUF "
                    "(needs the [gguf] extra and scripts/build_llama_server.sh for llama.cpp's LoRA converter)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="serving base dtype (default bf16)")
-    p.add_argument("--verify", action="store_true", help="each adapter's serving base + LoRA vs its merged model, "
-                   "and the GGUFs read back; exit 3 beyond tolerance")
-    p.add_argument("--data", help="triples for --verify (default: the first adapter's eval file)")
-    p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
+    _verify_args(p, "each adapter's serving base + LoRA vs its merged model, and the GGUFs read back",
+                 "the first adapter's eval file")
     _release_args(p, report=False)
     p.set_defaults(func=cmd_bundle)
 
