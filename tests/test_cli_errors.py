@@ -7,7 +7,7 @@ import pytest
 
 from tear_lora.cli import main
 
-from .test_train import tear_lora, write_recipe
+from .test_train import signal_after_first_step, tear_lora, write_recipe
 
 
 def bad_inputs(tmp_path):
@@ -71,12 +71,6 @@ def test_sigint_saves_and_exits_130_without_a_traceback(tmp_path, tiny_model_dir
     recipe = write_recipe(tmp_path, tiny_model_dir, "ctrl-c", evaluate=False, max_steps=40, save_steps=100,
                           learning_rate=1e-2, logging_steps=1)
     process = tear_lora("train", recipe)
-    lines = []
-    for line in process.stdout:  # after the first logged optimizer step, as a user's Ctrl-C would
-        lines.append(line)
-        if "'loss'" in line:
-            process.send_signal(signal.SIGINT)
-            break
-    out = "".join(lines) + process.communicate(timeout=300)[0]
+    out = signal_after_first_step(process, signal.SIGINT)
     assert process.returncode == 130, out[-3000:]
     assert "SIGINT: stopped after optimizer step" in out and "--resume" in out and "Traceback" not in out

@@ -38,6 +38,17 @@ def tear_lora(*args, **kwargs):
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def signal_after_first_step(process, signum, timeout=300) -> str:
+    """Send `signum` once the first optimizer step is logged (as a user's Ctrl-C or a scheduler would); the output."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "'loss'" in line:
+            process.send_signal(signum)
+            break
+    return "".join(lines) + process.communicate(timeout=timeout)[0]
+
+
 def finish(process, timeout=600):
     out, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, out[-3000:]

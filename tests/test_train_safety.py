@@ -246,13 +246,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_
     finish(tear_lora("train", write_recipe(tmp_path, tiny_model_dir, "straight", **steps)))
     recipe = write_recipe(tmp_path, tiny_model_dir, "term", **steps)
     process = tear_lora("train", recipe)
-    lines = []
-    for line in process.stdout:  # wait until the first optimizer step has been logged
-        lines.append(line)
-        if "'loss'" in line:
-            process.send_signal(signal.SIGTERM)
-            break
-    out = "".join(lines) + process.communicate(timeout=300)[0]
+    out = signal_after_first_step(process, signal.SIGTERM)
     assert process.returncode == 143, out[-3000:]
     assert "SIGTERM: stopped after optimizer step" in out and f"tear-lora train {recipe} --resume" in out
     assert "Traceback" not in out and not (tmp_path / "adapters/term").exists()
