@@ -19,7 +19,15 @@ from tear_lora.train import Interrupted, TrainingFault, find_checkpoints, run
 from tear_lora.trainer import StopOnSignal, TearTrainer
 
 from .conftest import make_recipe
-from .test_train import finish, logged_steps, max_difference, perturbed_copy, signal_after_first_step, tear_lora, write_recipe
+from .test_train import (
+    finish,
+    logged_steps,
+    max_difference,
+    perturbed_copy,
+    signal_after_first_step,
+    tear_lora,
+    write_recipe,
+)
 
 FAST = dict(max_steps=4, save_steps=2, learning_rate=1e-2, eval_strategy="no", logging_steps=1)
 
