@@ -32,7 +32,7 @@ class SpanCollator:
     With a non-empty `response_weight` ({valence: weight}) it also emits `response_weights`, a float [B] of each
     row's response-loss weight (`row_response_weight` of its `meta`); with none, nothing more than before.
 
-    Packed rows (`data.packing`: rows carry `seq_lengths`, one per triple; data.pack_triples) are collated padding
+    Packed rows (`data.packing`: rows carry `seq_lengths`, one per triple; packing.pack_triples) are collated padding
     free: `position_ids` restart at 0 at every triple and there is NO attention mask, because transformers builds
     the block-diagonal causal mask from position ids only when the mask is None and no cache is used (sdpa,
     eager, flex: masking_utils.find_packed_sequence_indices); flash attention reads `cu_seq_lens_q/k` and

@@ -12,8 +12,7 @@ depends on (file content, tokenizer, data settings, this code). Different settin
 directory: a run reading one cache is not disturbed by another run building a different one. A cache is built
 in a hidden sibling under a lock and swapped in whole; a damaged one is rebuilt, never trusted.
 
-Packing (`data.packing`, training only): TRL's best-fit-decreasing `pack_dataset` packs whole triples into rows
-of at most `max_seq_len` tokens, and the packed set is cached beside the triples (`packed/`, its own cache key),
+Packing (`data.packing`, training only; packing.py) is cached beside the triples (`packed/`, its own cache key),
 so a large file is packed once and read memory-mapped like the rest.
 """
 
@@ -29,28 +28,22 @@ import time
 from array import array
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, Features, List, Value, load_from_disk
 
 from . import rawdata, rundir, template
+from .packing import PACKED_FEATURES, describe_packing, pack_triples, packing_stats
 from .rawdata import DataError, Reject, Row, TripleReader, load_triples
 from .tokens import tokenizer_hash
 
-__all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples", "pack_triples",
+__all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples",
            "prepare", "tokenize_row"]
 
 CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
 FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
                      "meta": Value("string")})  # meta: the row's meta object as JSON text, or null
-# A packed row: the tokens of several whole triples back to back; `seq_lengths`, `id` and `meta` have one entry per
-# triple, in order, so the collator can restart positions at each triple and weight each triple's response by its
-# own meta (objective.response_weight), exactly as if it were a row of its own.
-PACKED_FEATURES = Features({"input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
-                            "seq_lengths": List(Value("int32")), "id": List(Value("string")),
-                            "meta": List(Value("string"))})
 LOCK_POLL_S = 0.25
 
 
@@ -141,73 +134,6 @@ def _length_stats(lengths: dict[str, array]) -> dict[str, dict[str, float]]:
     return stats
 
 
-# ---- packing ----------------------------------------------------------------------------------------------------
-
-
-def pack_triples(triples: Dataset, max_seq_len: int) -> Dataset:
-    """Tokenized triples -> packed rows (PACKED_FEATURES) of at most `max_seq_len` tokens, every triple whole.
-
-    The packer is TRL's `pack_dataset(..., "bfd")`: best fit decreasing over each batch of 1,000 triples, which
-    packs every list column alike (`input_ids`, `span_roles`) and adds `seq_lengths`. It only takes per-token
-    columns, so each triple's index rides along as a per-token column, and afterwards gives each packed row the
-    `id` and `meta` of its triples in order. No triple is cut: tokenize_row already fits each within max_seq_len.
-    """
-    from trl.data_utils import pack_dataset  # deferred: importing TRL takes seconds and most verbs never pack
-
-    with _quiet_maps():
-        tagged = triples.map(_tag_tokens, batched=True, with_indices=True, remove_columns=["id", "meta"])
-        packed = pack_dataset(tagged, max_seq_len, strategy="bfd")
-        lookup = triples.select_columns(["id", "meta"])
-        return packed.map(_triple_fields, batched=True, fn_kwargs={"lookup": lookup}, remove_columns=["triple"],
-                          features=PACKED_FEATURES)
-
-
-@contextmanager
-def _quiet_maps():
-    """No `Map: 100%` bars: packing takes well under a second per 1,000 triples, and one note reports it."""
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
-
-
-def _tag_tokens(batch: dict, indices: list[int]) -> dict:
-    return {"triple": [[index] * len(ids) for index, ids in zip(indices, batch["input_ids"])]}
-
-
-def _triple_fields(batch: dict, lookup: Dataset) -> dict:
-    """Each packed row's triples (the index at each triple's first token) -> their ids and metas."""
-    rows = []
-    for lengths, tags in zip(batch["seq_lengths"], batch["triple"]):
-        rows.append([tags[start] for start in (0, *accumulate(lengths[:-1]))])
-    fields = lookup[[index for row in rows for index in row]] if rows else {"id": [], "meta": []}
-    out, at = {"id": [], "meta": []}, 0
-    for row in rows:
-        for name in out:
-            out[name].append(fields[name][at : at + len(row)])
-        at += len(row)
-    return out
-
-
-def describe_packing(stats: dict[str, Any]) -> str:
-    return (f"data.packing: {stats['triples']} triples in {stats['rows']} rows of <= {stats['max_seq_len']} tokens "
-            f"({stats['triples_per_row']} per row, {stats['fill']:.0%} full)")
-
-
-def _packing_stats(packed: Dataset, max_seq_len: int) -> dict[str, Any]:
-    """What packing did, for the manifest: rows, triples, tokens and how full the rows are."""
-    lengths = [sum(row) for row in packed["seq_lengths"]]
-    triples = sum(len(row) for row in packed["seq_lengths"])
-    return {"max_seq_len": max_seq_len, "rows": len(lengths), "triples": triples, "tokens": sum(lengths),
-            "fill": round(sum(lengths) / (len(lengths) * max_seq_len), 4) if lengths else 0.0,
-            "triples_per_row": round(triples / len(lengths), 2) if lengths else 0.0}
-
-
 # ---- prepare: build once, cache by content ----------------------------------------------------------------------
 
 
@@ -256,7 +182,7 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
         dataset = Dataset.from_dict(records, features=FEATURES)
         rows = pack_triples(dataset, recipe.data.max_seq_len) if packed else None
         if rows is not None:
-            counts["packing"] = _packing_stats(rows, recipe.data.max_seq_len)
+            counts["packing"] = packing_stats(rows, recipe.data.max_seq_len)
             _print_notices([describe_packing(counts["packing"])])
         return Prepared(dataset, {**manifest, **counts}, None, rows)
 
@@ -295,7 +221,7 @@ def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, fina
         if settings["packing"]:
             rows = pack_triples(triples, settings["max_seq_len"])  # on disk: map writes beside rows.arrow
             rows.save_to_disk(str(building / "packed"))
-            counts["packing"] = _packing_stats(rows, settings["max_seq_len"])
+            counts["packing"] = packing_stats(rows, settings["max_seq_len"])
             del rows
         del triples
         for scratch in [rows_file, *building.glob("cache-*.arrow"), *building.glob("tmp*")]:
@@ -375,7 +301,7 @@ def _safe_name(path: Path) -> str:
 def cache_key(source_hash: str, tokenizer_id: str, settings: dict) -> str:
     """Short hash of everything a processed set depends on: source bytes, tokenizer, data settings and code."""
     code = hashlib.sha256()
-    for module in ("data.py", "rawdata.py", "template.py"):
+    for module in ("data.py", "packing.py", "rawdata.py", "readers.py", "template.py"):
         code.update((Path(__file__).parent / module).read_bytes())
     parts = {"format": CACHE_FORMAT, "source": source_hash, "tokenizer": tokenizer_id,
              "settings": settings, "code": code.hexdigest()}

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from tear_lora.data import pack_triples, prepare
+from tear_lora.data import prepare
 from tear_lora.distributed import full_trainable_state, shard_fsdp, teardown
+from tear_lora.packing import pack_triples
 from tear_lora.template import CONTEXT, WITNESS
 from tear_lora.tokens import load_tokenizer
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from tear_lora.batch import SpanCollator, final_hidden_states, row_response_weight, unwrap_causal_lm
-from tear_lora.data import PACKED_FEATURES, pack_triples, prepare
+from tear_lora.data import prepare
 from tear_lora.loss import count_span_tokens, span_loss, span_targets, token_nll
+from tear_lora.packing import PACKED_FEATURES, pack_triples
 from tear_lora.template import CONTEXT, PAD_ROLE, RESPONSE
 
 from .conftest import REPO, SGD, WEIGHTS, make_recipe, make_trainer, trainable_model, trainable_state

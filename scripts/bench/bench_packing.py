@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     from transformers.trainer_utils import set_seed
 
     from tear_lora.batch import SpanCollator
-    from tear_lora.data import pack_triples, prepare
+    from tear_lora.data import prepare
     from tear_lora.model import add_adapters, load_base, load_tokenizer_for
+    from tear_lora.packing import pack_triples
     from tear_lora.recipe import load_recipe
     from tear_lora.rundir import atomic_write_json
     from tear_lora.tokens import structural_token_ids
