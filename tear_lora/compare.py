@@ -19,7 +19,7 @@ from .data import DataError
 from .evaluate import format_table, source_rows
 from .generate import DEFAULT_MAX_NEW_TOKENS, Sampling, format_generated, generate_triple
 from .metadata import METADATA_FILE, read_metadata
-from .rawdata import capped_lines
+from .readers import capped_lines
 from .recipe import RecipeError
 from .rundir import RunDirError, atomic_save_figure
 
@@ -30,7 +30,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise DataError(f"{path}: prompts file not found")
     prompts = []
-    with open(path, "rb") as f:  # streamed, each line capped (rawdata.capped_lines), as every data reader is
+    with open(path, "rb") as f:  # streamed, each line capped (readers.capped_lines), as every data reader is
         for number, data, problem, _ in capped_lines(f):
             if problem:
                 raise DataError(f"{path}:{number}: {problem}")

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tear_lora import rawdata
+from tear_lora import rawdata, readers
 from tear_lora.data import DataError, TripleReader, load_triples, prepare
 
 from .conftest import make_recipe
@@ -205,7 +205,7 @@ CASES = {
 def test_hostile_case(name, tmp_path, monkeypatch):
     case = CASES[name]
     if case.max_line:
-        monkeypatch.setattr(rawdata, "MAX_LINE_BYTES", case.max_line)
+        monkeypatch.setattr(readers, "MAX_LINE_BYTES", case.max_line)
     path = tmp_path / f"d{case.suffix}"
     path.write_bytes(case.data)
     if case.error:
@@ -581,6 +581,6 @@ def test_prompts_are_streamed_with_the_line_cap(tmp_path, monkeypatch):
     path = tmp_path / "p.txt"
     path.write_bytes(b"first\r\n\nsecond\n" + b"x" * 2000 + b"\n")
     assert [p["input"] for p in read_prompts(path)] == ["first", "second", "x" * 2000]
-    monkeypatch.setattr(rawdata, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1000)
     with pytest.raises(DataError, match=r"p.txt:4: line is 2,001 bytes, over the 1,000-byte limit"):
         read_prompts(path)
