@@ -257,8 +257,8 @@ def test_check_replaceable_needs_our_marker_of_the_same_kind_and_overwrite(tmp_p
 
 
 def test_cards_name_the_base_without_the_users_path(pair, tiny_model_dir, tmp_path):
-    from tear_lora.export import write_model_card
     from tear_lora.metadata import public_name
+    from tear_lora.model_card import write_model_card
 
     assert public_name(str(tiny_model_dir)) == tiny_model_dir.name and public_name("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
     card = (pair["a"] / "README.md").read_text()
