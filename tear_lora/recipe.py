@@ -1,21 +1,19 @@
 """Recipes: one YAML file fully describes a run.
 
-A recipe maps one to one onto the dataclasses below. We validate by hand (instead of pydantic) because the
-errors are the interface: every problem names the file, the line and the dotted key path, and a misspelled key
-gets the closest valid one as a suggestion. The `training` section is passed through to TRL's `SFTConfig`
-under its own field names, so every HF training knob is available without us re-declaring it.
+A recipe maps one to one onto the dataclasses below (recipe_yaml.py does the mapping, with FILE:LINE errors and
+closest-key suggestions); here are the sections, the values that are impossible together, the hash that says
+whether two recipes train the same thing, and the credentials that never leave the process. The `training`
+section is passed through to TRL's `SFTConfig` under its own field names, so every HF training knob is available
+without us re-declaring it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,9 @@ from typing import Any
 import yaml
 
 from .rawdata import DATA_FIELD_ROLES
+from .recipe_yaml import RecipeError, Where, apply_override, build, read_yaml, suggest, yaml_quirks
+from .recipe_yaml import to_dict as plain_dict
 from .rundir import check_run_name, child_dir, unsafe_root_reason
-
-
-class RecipeError(ValueError):
-    """A recipe problem a user can fix; the message says where and how."""
 
 
 def _choices(*values):
@@ -150,7 +146,8 @@ class Recipe:
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataConfig = field(default_factory=DataConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    training: dict[str, Any] = field(default_factory=dict)  # any SFTConfig / TrainingArguments field
+    training: dict[str, Any] = field(default_factory=dict,  # any SFTConfig / TrainingArguments field
+                                     metadata={"check": lambda raw, where: check_training(raw, where)})
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -161,7 +158,7 @@ class Recipe:
         return self.objective.lambda_
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return plain_dict(self)
 
     def to_yaml(self) -> str:
         """The resolved recipe as YAML, secrets masked: this is what gets written next to an adapter."""
@@ -172,7 +169,7 @@ class Recipe:
         the result goes and whether to replace it, `distributed` (sharded training computes the same adapter) and
         `hardware` (the card `plan` checks against). Resume compares these key by key to name what changed."""
         trained = {k: v for k, v in mask_secrets(self.to_dict()).items() if k not in ("output", "distributed")}
-        trained["hardware"] = _to_dict(HardwareConfig())  # at its default whatever it is: older hashes still match
+        trained["hardware"] = plain_dict(HardwareConfig())  # at its default whatever it is: older hashes still match
         for section, key in HASH_NEUTRAL_DEFAULTS:  # at their (falsy) defaults, older runs' hashes still match
             if not trained[section].get(key):
                 trained[section] = {k: v for k, v in trained[section].items() if k != key}
@@ -194,140 +191,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, saved: boo
     """Read a YAML recipe, apply `key.path=value` overrides, and validate it into a Recipe. `saved`: the recipe.yaml
     next to an adapter, whose credentials are masked on read instead of refused (older adapters may hold one)."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-        lines = _key_lines(yaml.compose(text), str(path))  # first: refuses duplicate keys before they are lost
-        raw = yaml.safe_load(text) or {}
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}:1: a recipe must be a mapping of sections (model, lora, data, ...)")
+    raw, lines = read_yaml(path)
     for item in overrides or []:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     if saved:
         raw = mask_secrets(raw)
-    recipe = _build(Recipe, raw, "", _Where(str(path), lines))
+    recipe = build(Recipe, raw, "", Where(str(path), lines))
     recipe.source = str(path)
-    _validate_values(recipe, _Where(str(path), lines))
+    _validate_values(recipe, Where(str(path), lines))
     return recipe
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    recipe = _build(Recipe, raw, "", _Where(source, {}))
-    _validate_values(recipe, _Where(source, {}))
+    recipe = build(Recipe, raw, "", Where(source, {}))
+    _validate_values(recipe, Where(source, {}))
     return recipe
 
 
-@dataclass
-class _Where:
-    file: str
-    lines: dict[str, int]
-    overridden: set[str] = field(default_factory=set)
-
-    def __call__(self, key_path: str) -> str:
-        line = self.lines.get(key_path)
-        while line is None and "." in key_path:
-            key_path = key_path.rsplit(".", 1)[0]
-            line = self.lines.get(key_path)
-        return f"{self.file}:{line}" if line else self.file
-
-
-def _key_lines(node, source: str, prefix: str = "") -> dict[str, int]:
-    """Map each dotted key path to its 1-based line, from the YAML node tree. A key twice in one mapping is
-    refused: YAML loaders keep the last value silently, so half of what the user wrote would not apply."""
-    lines: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key_path = f"{prefix}{key_node.value}"
-            line = key_node.start_mark.line + 1
-            if key_path in lines:
-                raise RecipeError(f"{source}:{line}: duplicate key '{key_path}' (first at line {lines[key_path]}); "
-                                  "YAML would silently keep only the last one: merge them into one")
-            lines[key_path] = line
-            lines.update(_key_lines(value_node, source, key_path + "."))
-    return lines
-
-
-def _apply_override(raw: dict, item: str) -> None:
-    if "=" not in item:
-        raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. objective.lambda=0.5")
-    key_path, value = item.split("=", 1)
-    parts = key_path.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {key_path}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
-
-
-def _field_key(f: dataclasses.Field) -> str:
-    return f.metadata.get("key", f.name)
-
-
-def _build(cls, raw: Any, prefix: str, where: _Where):
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{where(prefix.rstrip('.'))}: '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
-    fields = {_field_key(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            raise RecipeError(f"{where(prefix + str(key))}: unknown key '{prefix}{key}'{_suggest(str(key), fields)}")
-    values = {}
-    for key, f in fields.items():
-        if key not in raw:
-            continue
-        key_path, value = prefix + key, raw[key]
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            values[f.name] = _build(hint, value if value is not None else {}, key_path + ".", where)
-        elif key == "training" and cls is Recipe:
-            values[f.name] = _check_training(value if value is not None else {}, where)
-        else:
-            values[f.name] = _check_type(value, hint, key_path, where)
-            choices = f.metadata.get("choices")
-            if choices is not None and values[f.name] not in choices:
-                allowed = ", ".join(repr(c) for c in choices)
-                raise RecipeError(f"{where(key_path)}: '{key_path}' must be one of {allowed}, got {value!r}")
-    return cls(**values)
-
-
-def _check_type(value: Any, hint, key_path: str, where: _Where):
-    """Accept `value` if it fits the annotation; ints widen to floats, nothing else is coerced."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    for option in options:
-        origin = typing.get_origin(option) or option
-        if option is type(None) and value is None:
-            return None
-        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if origin is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if origin in (str, bool) and type(value) is origin:
-            return value
-        if origin is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        if origin is dict and isinstance(value, dict):
-            return value
-    names = " or ".join(_type_name(o) for o in options)
-    raise RecipeError(f"{where(key_path)}: '{key_path}' must be {names}, got {type(value).__name__} {value!r}")
-
-
-def _type_name(hint) -> str:
-    if hint is type(None):
-        return "null"
-    origin = typing.get_origin(hint) or hint
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list of strings",
-            dict: "a mapping"}.get(origin, str(hint))
-
-
-def _check_training(raw: Any, where: _Where) -> dict[str, Any]:
+def check_training(raw: Any, where: Where) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where('training')}: 'training' must be a mapping of SFTConfig fields")
     from trl import SFTConfig  # deferred: importing TRL takes seconds and most verbs never need it
@@ -338,35 +219,17 @@ def _check_training(raw: Any, where: _Where) -> dict[str, Any]:
             raise RecipeError(f"{where('training.' + key)}: 'training.{key}' is not allowed: {RESERVED_TRAINING_KEYS[key]}")
         if key not in known:
             raise RecipeError(
-                f"{where('training.' + key)}: unknown key 'training.{key}' (not an SFTConfig field){_suggest(key, known)}"
+                f"{where('training.' + key)}: unknown key 'training.{key}' (not an SFTConfig field){suggest(key, known)}"
             )
     secret = _secret_key_path(raw, "training")
     if secret:
         raise RecipeError(f"{where(secret)}: '{secret}' holds a credential; recipes are copied next to every "
                           "adapter and HF pickles training arguments into pushed checkpoints, so tokens are not "
                           "taken from them: log in with `hf auth login` (or set HF_TOKEN) and remove the key")
-    return {key: _yaml_quirks(key, value) for key, value in raw.items()}
+    return {key: yaml_quirks(key, value) for key, value in raw.items()}
 
 
-def _yaml_quirks(key: str, value: Any) -> Any:
-    """YAML 1.1 reads a bare `no` as false (every *_strategy field means the string "no") and `5e-2` (no dot)
-    as a string; TrainingArguments would only fail on them deep inside the optimizer."""
-    if value is False and key.endswith("_strategy"):
-        return "no"
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-
-
-def _validate_values(recipe: Recipe, where: _Where) -> None:
+def _validate_values(recipe: Recipe, where: Where) -> None:
     """Impossible values, each named by its key path."""
     checks = [
         ("lora.r", recipe.lora.r > 0, "must be > 0"),
@@ -393,13 +256,13 @@ def _validate_values(recipe: Recipe, where: _Where) -> None:
                               f"{type(valence).__name__} {valence!r} (quote it)")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise RecipeError(f"{where(key_path)}: '{key_path}' must be a number >= 0, got {weight!r}")
-    # ints widen to floats, as `_check_type` does for float fields: `0` and `0.0` are one recipe (one hash)
+    # ints widen to floats, as `check_type` does for float fields: `0` and `0.0` are one recipe (one hash)
     recipe.objective.response_weight = {k: float(v) for k, v in recipe.objective.response_weight.items()}
     columns: dict[str, str] = {}  # data.fields: known roles, non-empty names, no column serving two roles
     for role, column in recipe.data.fields.items():
         key_path = f"data.fields.{role}"
         if role not in DATA_FIELD_ROLES:
-            raise RecipeError(f"{where(key_path)}: unknown role '{key_path}'{_suggest(str(role), DATA_FIELD_ROLES)}")
+            raise RecipeError(f"{where(key_path)}: unknown role '{key_path}'{suggest(str(role), DATA_FIELD_ROLES)}")
         if not isinstance(column, str) or not column.strip():
             raise RecipeError(f"{where(key_path)}: '{key_path}' must be a non-empty column name, got {column!r}")
     for role in DATA_FIELD_ROLES:
@@ -448,14 +311,3 @@ def _secret_key_path(value: Any, prefix: str) -> str | None:
     elif isinstance(value, list):
         return next((p for i, v in enumerate(value) if (p := _secret_key_path(v, f"{prefix}.{i}"))), None)
     return None
-
-
-def _to_dict(obj) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {_field_key(f): _to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not f.metadata.get("internal")}
-    if isinstance(obj, dict):
-        return {k: _to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_dict(v) for v in obj]
-    return obj
