@@ -3,7 +3,7 @@
 For each adapter: the serving base + its plain LoRA, loaded from the bundle's files by plain transformers and
 PEFT, against that adapter's merged model (export.merge_into on the dequantized base, what `merge` writes), on
 held-out rows, at the tolerances of `merge --verify` for the bundle's dtype. The rewrite itself is exact; what is
-left is float rounding of E + Δ against R. The base GGUF goes through gguf_export.verify_gguf (tokens, tensors,
+left is float rounding of E + Δ against R. The base GGUF goes through gguf_verify.verify_gguf (tokens, tensors,
 logits against the serving base); each LoRA GGUF is read back with gguf's reader, every LoRA matrix compared with
 its PEFT source within the outtype's rounding bound (names mapped with gguf's own table, llama's Q/K row
 permutation undone as transformers' GGUF loader does), and its alpha checked.
@@ -42,7 +42,7 @@ def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, 
                                                   trust_remote_code=trust_remote_code).eval()
     result = {"rows": len(held_out), "dtype": dtype, "tolerance": tolerance, "adapters": {}}
     if manifest["base_gguf"]:  # before any LoRA is attached: the GGUF is the plain serving base
-        from .gguf_export import verify_gguf
+        from .gguf_verify import verify_gguf
 
         saved = AutoTokenizer.from_pretrained(bundle_dir / manifest["base"])  # with the chat template it holds
         result["base_gguf"] = verify_gguf(bundle_dir / manifest["base_gguf"], manifest["gguf_type"],
@@ -79,7 +79,7 @@ def verify_lora_gguf(path: Path, peft_dir: Path, outtype: str, config) -> dict:
     from safetensors.torch import load_file
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    from .gguf_export import TENSOR_BOUNDS
+    from .gguf_verify import TENSOR_BOUNDS
 
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()

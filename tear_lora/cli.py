@@ -3,6 +3,10 @@
 argparse (stdlib) rather than typer/click: nested verbs and a repeatable `--set` need nothing more, and it
 keeps the dependency list to what training needs. User errors (bad recipe, bad data) exit with status 2 and
 a one-paragraph message, never a traceback.
+
+Longer than 350 lines because it is the one table of verbs: each `cmd_*` is a few lines that call one module,
+and the parser beside them is the `--help` a user reads; split apart, a verb's flags and its handler would live
+in different files.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def _read_json(path: str, flag: str):
 def cmd_merge(args) -> int:
     """Exit 0 merged (and verified), 2 user error, 3 verify beyond tolerance (the merge or any GGUF)."""
     from .export import all_passed, merge
-    from .gguf_export import describe
+    from .gguf_verify import describe
 
     out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base, args.trust_remote_code,
                 verify_rows=args.rows if args.verify else None, verify_data=args.data, gguf=args.gguf,
@@ -147,7 +151,7 @@ def cmd_bundle(args) -> int:
               f"{'within' if check['passed'] else 'BEYOND'} tolerance"
               + (f"; LoRA GGUF max |Δ| {gguf['max_abs']:.3g}: {'passed' if gguf['passed'] else 'FAILED'}" if gguf else ""))
     if r.get("base_gguf"):
-        from .gguf_export import describe
+        from .gguf_verify import describe
 
         print(f"verify base GGUF {describe(r['base_gguf'])}")
     return 0 if r["passed"] else 3

@@ -266,7 +266,8 @@ def _verify_gguf(merged_dir: Path, merged, gguf_files: dict, rows: list[list[int
     """Each GGUF of the output against the merged model, on the rows the merge was verified on."""
     from transformers import AutoTokenizer
 
-    from .gguf_export import INSTALL_HINT, GGUFError, verify_gguf
+    from .gguf_export import INSTALL_HINT, GGUFError
+    from .gguf_verify import verify_gguf
 
     try:
         import gguf  # noqa: F401

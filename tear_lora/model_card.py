@@ -94,7 +94,8 @@ System messages and longer conversations are refused (the model never saw them).
 
 def _gguf_card_section(out_dir: Path, merged: dict, verified: dict | None) -> str:
     """The GGUF files, how to run them with llama.cpp and Ollama, and their verify figures."""
-    from .gguf_export import MODELFILE, describe
+    from .gguf_export import MODELFILE
+    from .gguf_verify import describe
 
     files = merged.get("gguf") or {}
     if not files:

@@ -1,6 +1,6 @@
 """Safe writing: every file and directory tear_lora writes goes through here.
 
-Three promises, each kept by one piece of this module:
+Four promises, each kept by one piece of this module:
 - Nothing lands outside where it belongs: run names are plain names, and output roots may not be `/`, the
   home directory, the project or an ancestor of them (`check_run_name`, `unsafe_root_reason`).
 - A reader never sees half a file or half a directory: files are written to a temp name and renamed
@@ -11,6 +11,9 @@ Three promises, each kept by one piece of this module:
   lock file is opened with O_NOFOLLOW, so a planted symlink cannot make us truncate its target.
 - Nothing of the user's is replaced: `check_replaceable` is the one rule every verb that writes a directory
   applies before it starts (a finished output of ours of the same kind, and only with overwrite).
+
+Longer than 350 lines because the four promises are kept by one set of primitives (temp siblings, completion
+markers, locks): every writing verb needs all of them, and one module is the one place to audit them.
 
 Plain stdlib: none of the libraries we build on offers these for directories (safetensors and HF write
 files in place; HF Trainer's checkpoints have no completion marker).

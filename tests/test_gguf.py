@@ -100,7 +100,7 @@ def test_tag_rows_are_the_trained_rows(exported, tiny_model_dir, tag_ids, f16_fi
 
 def test_verify_figures_within_bounds(exported):
     from tear_lora.export import TOLERANCES
-    from tear_lora.gguf_export import LOGIT_BOUNDS, TENSOR_BOUNDS
+    from tear_lora.gguf_verify import LOGIT_BOUNDS, TENSOR_BOUNDS
 
     result = json.loads((exported / "verify.json").read_text())
     for outtype, bounds in (("f16", TOLERANCES["fp16"]), ("q8_0", LOGIT_BOUNDS["q8_0"])):
@@ -124,7 +124,7 @@ def test_the_checks_can_fail(exported, tag_ids):
     token, a missing stop id and another chat template are each caught."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tear_lora.gguf_export import check_tokens, compare_tensors, read_gguf
+    from tear_lora.gguf_verify import check_tokens, compare_tensors, read_gguf
 
     model = AutoModelForCausalLM.from_pretrained(exported)
     weight = model.model.layers[1].mlp.down_proj.weight
@@ -159,7 +159,8 @@ def test_modelfile_is_the_training_prompt(exported):
 
 def test_untied_model_keeps_its_output_matrix(tmp_path, tiny_model_dir):
     """The tie flag is honoured the other way too: an untied model's GGUF carries output.weight (its tag rows)."""
-    from tear_lora.gguf_export import read_gguf, write_gguf
+    from tear_lora.gguf_export import write_gguf
+    from tear_lora.gguf_verify import read_gguf
     from tear_lora.tiny import tiny_qwen3
     from tear_lora.tokens import add_structural_tokens, load_tokenizer
 

@@ -75,3 +75,30 @@ def test_read_only_verbs_do_not_import_trl_or_the_trainer():
             "print(sorted(m for m in sys.modules if m == 'trl' or m.startswith('trl.') or m == 'tear_lora.trainer'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+MAX_MODULE_LINES = 350  # DESIGN.md: a module is small enough to read in one sitting
+LONGER_BECAUSE = "Longer than 350 lines because"
+
+
+def oversized_without_reason(package: Path) -> list[str]:
+    """Modules over MAX_MODULE_LINES whose docstring does not say why they are one module anyway."""
+    found = []
+    for path in sorted(package.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.count("\n")
+        if lines > MAX_MODULE_LINES and LONGER_BECAUSE not in (ast.get_docstring(ast.parse(text)) or ""):
+            found.append(f"{path.name}: {lines} lines")
+    return found
+
+
+def test_oversized_without_reason_sees_a_long_module(tmp_path):
+    (tmp_path / "short.py").write_text('"""Short."""\n')
+    (tmp_path / "long.py").write_text('"""Long."""\n' + "x = 1\n" * MAX_MODULE_LINES)
+    (tmp_path / "said.py").write_text(f'"""{LONGER_BECAUSE} it is one table."""\n' + "x = 1\n" * MAX_MODULE_LINES)
+    assert oversized_without_reason(tmp_path) == [f"long.py: {MAX_MODULE_LINES + 1} lines"]
+
+
+def test_every_module_is_small_or_says_why():
+    assert oversized_without_reason(PACKAGE) == [], (
+        f"split these along a seam, or say in the module docstring '{LONGER_BECAUSE} ...'")
