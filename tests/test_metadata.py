@@ -26,7 +26,12 @@ def test_recorded_versions_commit_and_tokenizer_are_the_real_ones(pair):
     for package in ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
         assert meta["versions"][package] == importlib.metadata.version(package), package
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    assert meta["git_commit"] == (head or None)
+    if not head:  # not a git checkout: nothing to record
+        assert meta["git_commit"] is None
+    else:  # the commit checked out when the fixture trained: HEAD then, so HEAD now or an ancestor of it
+        assert meta["git_commit"] and len(meta["git_commit"]) == 40
+        ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", meta["git_commit"], "HEAD"], cwd=REPO)
+        assert ancestor.returncode == 0, meta["git_commit"]
     tokenizer = load_tokenizer_for(load_recipe(pair["a"] / "recipe.yaml"))
     assert meta["tokenizer"] == {"hash": tokenizer_hash(tokenizer), "size": len(tokenizer)}
     assert meta["structural_tokens"] == structural_token_ids(tokenizer)
