@@ -67,20 +67,27 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    """Exit 0 trained, 2 user error, 4 training fault (NaN/Inf, disk full), 143/130 stopped by SIGTERM/SIGINT."""
+def _training(job, rerun: str = "") -> int:
+    """Run a job that trains: exit 0 trained, 4 training fault (NaN/Inf, disk full), 143/130 stopped by
+    SIGTERM/SIGINT, each as one line (the newest good checkpoint named), never a traceback."""
     from .distributed import teardown
-    from .train import Interrupted, TrainingFault, run
+    from .train import Interrupted, TrainingFault
 
-    recipe = load_recipe(args.recipe, args.overrides)
     try:
-        run(recipe, resume=True if args.resume == "latest" else args.resume, force=args.force)
+        job()
     except (TrainingFault, Interrupted) as e:
-        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}{rerun}", file=sys.stderr)
         return e.exit_code
     finally:
         teardown()  # under torchrun / accelerate launch: leave the process group cleanly
     return 0
+
+
+def cmd_train(args) -> int:
+    from .train import run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    return _training(lambda: run(recipe, resume=True if args.resume == "latest" else args.resume, force=args.force))
 
 
 def cmd_plan(args) -> int:
@@ -218,10 +225,15 @@ def cmd_compare(args) -> int:
 def cmd_sweep(args) -> int:
     from .compare import format_report, parse_lambdas, sweep
 
-    report = sweep(args.recipe, parse_lambdas(args.lambdas), args.overrides, args.prompts, args.plot,
-                   args.max_new_tokens)
-    _emit(report, args.json, lambda: format_report(report, args.max_new_tokens))
-    return 0
+    lambdas, report = parse_lambdas(args.lambdas), {}
+
+    def job():
+        report.update(sweep(args.recipe, lambdas, args.overrides, args.prompts, args.plot, args.max_new_tokens))
+
+    code = _training(job, rerun=" (or run the same sweep again: finished runs are kept, this one resumes)")
+    if code == 0:
+        _emit(report, args.json, lambda: format_report(report, args.max_new_tokens))
+    return code
 
 
 def _verify_args(p: argparse.ArgumentParser, compared: str, default_data: str) -> None:

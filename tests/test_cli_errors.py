@@ -74,3 +74,15 @@ def test_sigint_saves_and_exits_130_without_a_traceback(tmp_path, tiny_model_dir
     out = signal_after_first_step(process, signal.SIGINT)
     assert process.returncode == 130, out[-3000:]
     assert "SIGINT: stopped after optimizer step" in out and "--resume" in out and "Traceback" not in out
+
+
+def test_sweep_stopped_by_sigterm_exits_143_without_a_traceback(tmp_path, tiny_model_dir):
+    # a sweep trains in-process, run after run: a scheduler's SIGTERM mid-run ends it like `train`, with the
+    # way back named, not with a traceback from inside the loop
+    recipe = write_recipe(tmp_path, tiny_model_dir, "sweep-term", max_steps=40, save_steps=100, eval_strategy="no",
+                          learning_rate=1e-2, logging_steps=1)
+    process = tear_lora("sweep", recipe, "--lambdas", "0,1")
+    out = signal_after_first_step(process, signal.SIGTERM)
+    assert process.returncode == 143, out[-3000:]
+    assert "SIGTERM: stopped after optimizer step" in out and "run the same sweep again" in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
