@@ -272,7 +272,7 @@ def cmd_analyze(args) -> int:
 def cmd_split_domains(args) -> int:
     from .splits import domain_split
 
-    summary = domain_split(args.files, args.hold_out.split(","), args.out)
+    summary = domain_split(args.files, args.hold_out.split(","), args.out, overwrite=args.overwrite)
     _emit(summary, args.json, lambda: "\n".join(
         f"{s['source']}: {s['in']['rows']} rows in -> {s['in']['path']}, {s['out']['rows']} held out -> "
         f"{s['out']['path']}" for s in summary))
@@ -416,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("split-domains", help="cut triple files by meta.domain: train on some, measure on the rest")
     p.add_argument("files", nargs="+", help="triple files; each gives <out>/<stem>.in.jsonl and <stem>.out.jsonl")
     p.add_argument("--hold-out", required=True, help="comma-separated meta.domain values to hold out, e.g. code,health")
-    p.add_argument("--out", required=True, help="directory for the split files")
+    p.add_argument("--out", required=True, help="directory for the split files (built whole, then swapped in)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that holds an earlier, finished "
+                   "split (anything else there is never replaced)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_split_domains)
 

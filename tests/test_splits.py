@@ -30,8 +30,8 @@ def test_split_is_an_exact_partition_by_domain(tmp_path, capsys):
         assert not set(kept) & set(held) and {**kept, **held} == original  # every row, unchanged, exactly once
         assert {r["meta"]["domain"] for r in held.values()} == HELD_OUT
         assert not {r["meta"]["domain"] for r in kept.values()} & HELD_OUT
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s.stem}.{side}.jsonl" for s in BUNDLED
-                                                            for side in ("in", "out"))
+    assert sorted(p.name for p in out.iterdir()) == sorted([".tear_lora_complete", "split.json", *(
+        f"{s.stem}.{side}.jsonl" for s in BUNDLED for side in ("in", "out"))])
 
 
 def _rows(path, rows):
@@ -45,7 +45,7 @@ ROW = {"input": "What now?", "response": "Wait.", "witness": "Nothing happened."
 @pytest.mark.parametrize("case, expected", [
     ("unknown", "no row has meta.domain 'cod'; the files hold 'a', 'b'"),
     ("no-domain", "a.jsonl:2: no meta.domain"),
-    ("clash", "would overwrite the input"),
+    ("clash", "is not a finished tear_lora domain split"),
     ("empty", "name at least one meta.domain"),
 ])
 def test_user_errors_exit_2_with_one_line_and_write_nothing(tmp_path, capsys, case, expected):

@@ -118,6 +118,31 @@ def test_data_prepare_replaces_its_own_output_only_with_overwrite(recipe_file, t
     assert json.loads((out / "manifest.json").read_text())["settings"]["max_seq_len"] == 200
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_split_domains_at_a_users_directory(tmp_path, overwrite, capsys):
+    target = tmp_path / "mine"
+    before = plant_canaries(target)
+    (target / "eval.in.jsonl").write_text("my own notes, named like a split file\n")
+    before = snapshot(target)
+    assert main(["split-domains", str(REPO / "data/raw/eval.jsonl"), "--hold-out", "code", "--out", str(target),
+                 *overwrite]) == 2
+    one_line_error(capsys, target, "not a finished tear_lora domain split")
+    assert snapshot(target) == before
+
+
+def test_split_domains_replaces_its_own_split_only_with_overwrite(tmp_path, capsys):
+    out = tmp_path / "split"
+    args = ["split-domains", str(REPO / "data/raw/eval.jsonl"), "--out", str(out)]
+    assert main([*args, "--hold-out", "code"]) == 0
+    assert main([*args, "--hold-out", "health"]) == 2
+    one_line_error(capsys, out, "--overwrite")
+    assert json.loads((out / "split.json").read_text())["held_out"] == ["code"]
+    assert main([*args, "--hold-out", "health", "--overwrite"]) == 0
+    recorded = json.loads((out / "split.json").read_text())
+    assert recorded["held_out"] == ["health"]
+    assert recorded["files"][0]["source_sha256"] == hashlib.sha256((REPO / "data/raw/eval.jsonl").read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize("gguf", [[], ["--gguf", "f16"]], ids=["merge", "merge-gguf"])
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 def test_merge_at_a_users_directory(pair, tmp_path, gguf, overwrite, capsys):

@@ -82,7 +82,7 @@ HOLD_OUT="${HOLD_OUT:-code,relationships}"
 SPLIT="data/processed/splits/${HOLD_OUT//[,\/]/-}"
 echo "== leave-domains-out split: holding out $HOLD_OUT -> $SPLIT"
 tear-lora split-domains data/raw/consequences.jsonl data/raw/eval.jsonl data/raw/contrast.jsonl \
-  data/raw/minimal_pairs.jsonl --hold-out "$HOLD_OUT" --out "$SPLIT"
+  data/raw/minimal_pairs.jsonl --hold-out "$HOLD_OUT" --out "$SPLIT" --overwrite
 for seed in $SEEDS; do
   echo "== plain objective on the left-in domains, seed $seed, lambda $LAMBDAS"
   tear-lora sweep "$RECIPE" --lambdas "$LAMBDAS" --set training.seed="$seed" "${steps[@]}" \
