@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .recipe import Recipe
-from .shape import PlanError, Shape
+from .shape import PlanError, Shape, TargetModulesError
 
 GIB = 2**30
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -296,12 +296,15 @@ def format_plan(p: Plan, recipe: Recipe) -> str:
 def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None, quiet: bool = False,
                  nproc: int = 1) -> Plan | None:
     """Print the plan (unless `quiet`: the other ranks of a launcher run); when training would run on CUDA,
-    refuse a recipe that does not fit unless forced."""
+    refuse a recipe that does not fit unless forced. A model the plan cannot build only skips the plan; LoRA target
+    names the model lacks are refused."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     try:
         p = plan(recipe, nproc=nproc)
+    except TargetModulesError:
+        raise  # a recipe error, not a missing plan
     except PlanError as e:
         if not quiet:
             print(f"warning: memory plan skipped: {e}", flush=True)

@@ -23,6 +23,11 @@ class PlanError(RecipeError):
     its GPU."""
 
 
+class TargetModulesError(PlanError):
+    """`lora.target_modules` names a module the model does not have: a recipe error that also stops `train` (PEFT
+    would only refuse it when no name matches, with a traceback, and silently skip a typo next to a good name)."""
+
+
 @dataclass
 class Shape:
     vocab: int
@@ -83,7 +88,7 @@ class Shape:
                    if not any(key == t or key.endswith(f".{t}") for key in self.module_names)]
         if unknown:
             leaves = ", ".join(dict.fromkeys(n.rsplit(".", 1)[-1] for n in self.layer_linears))
-            raise PlanError(f"{where}: {', '.join(map(repr, unknown))} names no module of this {self.model_type} "
+            raise TargetModulesError(f"{where}: {', '.join(map(repr, unknown))} names no module of this {self.model_type} "
                             f"model; its decoder linears are {leaves} (or use all-linear)")
         return {name for key, name in full.items() if any(key == t or key.endswith(f".{t}") for t in target_modules)}
 
