@@ -3,8 +3,8 @@
 Why build the model: the linears a decoder layer holds, their names (what `lora.target_modules` matches) and their
 widths differ by family (q_proj ... down_proj in Llama and Qwen, query_key_value / dense / dense_h_to_4h /
 dense_4h_to_h in GPT-NeoX, q_proj / k_proj / v_proj / dense / fc1 / fc2 in Phi), and transformers knows each
-family's layer. So the config is instantiated on the meta device (no weights, no memory: ~25 ms for a 1.7B config,
-plus the first import of the family's modeling module) and one decoder layer's linears are read off it.
+family's layer. So the config is instantiated on the meta device (no weights, no memory: tens of ms for a 1.7B config,
+plus the first import of the family's modeling module; docs/performance.md) and one decoder layer's linears are read off it.
 """
 
 from __future__ import annotations
