@@ -7,6 +7,10 @@ terms were checked against saved-tensor counts of a real Qwen3-1.7B-shaped 4-bit
 scripts/bench/bench_layer.py) and the whole estimate against measured training runs up to 32k tokens
 (docs/performance.md).
 
+The decoder layer's linears (LoRA target names, widths) come from the model itself, built from the config on the
+meta device (shape.py); the per-token activation terms assume a Llama-shaped layer at the config's widths (see
+layer_bytes_per_token for what that approximates in other families).
+
 The config comes from a local model dir, the HF cache, a copy shipped in `tear_lora/configs/` for known bases
 (checked before the network: a plan must work offline, and an unreachable hub costs ~30 s of retries), or
 the hub.
@@ -19,7 +23,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError
+from .recipe import Recipe
+from .shape import PlanError, Shape, TargetModulesError
 
 GIB = 2**30
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
@@ -27,39 +32,6 @@ CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context + cuBLAS/bnb workspaces: out
 ALLOCATOR_SLACK = 0.10  # reserved beyond allocated (fragmentation of the caching allocator)
 N_STRUCTURAL_TOKENS = 6
 MAX_MICRO_BATCH = 1024
-
-
-class PlanError(RecipeError):
-    """No config to plan from, or (when training on CUDA) a recipe that does not fit its GPU."""
-
-
-@dataclass
-class Shape:
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    tied: bool
-    model_type: str = ""
-
-    @classmethod
-    def from_config(cls, config: dict) -> Shape:
-        c = config.get("text_config") or config  # multimodal configs nest the language model's
-        heads = c["num_attention_heads"]
-        return cls(vocab=c["vocab_size"], hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
-                   kv_heads=c.get("num_key_value_heads") or heads,
-                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate=c["intermediate_size"],
-                   tied=bool(config.get("tie_word_embeddings", c.get("tie_word_embeddings", True))),
-                   model_type=c.get("model_type", ""))
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) of each decoder linear, by PEFT module name."""
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
 @dataclass
@@ -124,8 +96,7 @@ def _sizes(recipe: Recipe, shape: Shape) -> dict[str, float]:
     if m.load_in_4bit and act == 4 and half[m.compute_dtype] == 2 and not m.upcast_to_fp32:
         act = 2  # bf16 hidden states, no autocast: the 4-bit matmuls still return the compute dtype
     linears = shape.linears()
-    targets = linears if recipe.lora.target_modules == "all-linear" else {
-        k: v for k, v in linears.items() if k in recipe.lora.target_modules}
+    targets = {name: linears[name] for name in shape.lora_targets(recipe.lora.target_modules)}
     trainable = 4  # fp32: PEFT's default, which TearTrainer keeps (TRL alone would cast them to bf16 on 4-bit bases)
     optim = str(training.get("optim", "adamw_torch"))
     states = 2 if "8bit" in optim else trainable / 4 if "adafactor" in optim else 0 if optim == "sgd" else 2 * trainable
@@ -149,18 +120,21 @@ def layer_bytes_per_token(shape: Shape, act: int, dropout: float, lora_on: set[s
     output, the LoRA sum). The backward's is the MLP and hidden-width gradients. Measured on one Qwen3-1.7B-shaped
     layer at 4096 tokens (scripts/bench/bench_layer.py): forward 32.7 KB/token with dropout 0.05 and 12.3 KB
     without, backward 24.5 KB; counting only the backward's left the long-context slope 7% under the measured one.
+    `lora_on`: names from `shape.linears()`. The LoRA inputs are the model's own (widths, and which linears share an
+    input: shape.input_groups); the rest is a Llama-shaped layer at the config's widths, which for other families
+    approximates: a non-gated MLP (GPT-NeoX, Phi: fc1 -> GELU -> fc2) saves one intermediate-width tensor less than
+    the three counted, LayerNorm saves its statistics too, and partial rotary (GPT-NeoX) is counted whole.
     """
     h, q, i = shape.hidden, shape.heads * shape.head_dim, shape.intermediate
     kv = shape.kv_heads * shape.head_dim
     saved = 2 * 4 * h + 2 * (q + (q if kv_repeated else kv)) * act + 3 * i * act
     if shape.model_type.startswith("qwen3"):
         saved += 4 * (q + kv)
-    inputs = {"q_proj": h, "k_proj": h, "v_proj": h, "o_proj": q, "gate_proj": h, "up_proj": h, "down_proj": i}
+    inputs = {name: in_features for name, (in_features, _) in shape.layer_linears.items()}
     if dropout > 0:
         saved += sum((act + 1) * inputs[name] for name in lora_on)
     else:  # one saved input per distinct input tensor
-        groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]
-        saved += sum(act * inputs[g[0]] for g in groups if lora_on & set(g))
+        saved += sum(act * inputs[g[0]] for g in shape.input_groups if lora_on & set(g))
     forward = i + (i + 2 * h if dropout > 0 else 0)
     return saved, max(forward, i + 3 * h) * act
 
@@ -237,7 +211,7 @@ def estimate(recipe: Recipe, shape: Shape, micro_batch: int, seq_len: int,
         static["FSDP: two decoder layers whole (running + prefetched)"] = 2 * (linear_bytes + quant_bytes) / shape.layers
     elif nproc > 1:
         static["DDP gradient buckets"] = (s["lora_params"] + s["row_params"]) * s["trainable"]
-    lora_on = set(shape.linears()) if recipe.lora.target_modules == "all-linear" else set(recipe.lora.target_modules)
+    lora_on = shape.lora_targets(recipe.lora.target_modules)
     saved, transient = layer_bytes_per_token(shape, act, recipe.lora.dropout, lora_on, kv_repeated=mask > 0)
     max_linear = max(i * o for i, o in shape.linears().values())
     chunk = min(recipe.objective.loss_chunk_size, tokens)
@@ -274,7 +248,7 @@ def plan(recipe: Recipe, config: dict | None = None, source: str = "given config
     if config is None:
         config, source = load_model_config(recipe.model.name_or_path, recipe.model.revision,
                                            recipe.model.trust_remote_code)
-    shape = Shape.from_config(config)
+    shape = Shape.from_config(config, recipe.model.trust_remote_code)
     micro_batch = int(recipe.training.get("per_device_train_batch_size", 8))
     seq_len = recipe.data.max_seq_len
     gpu = int((gpu_memory_gb or recipe.hardware.gpu_memory_gb) * GIB)
@@ -285,6 +259,9 @@ def plan(recipe: Recipe, config: dict | None = None, source: str = "given config
     notes = [f"seq_len = data.max_seq_len = {seq_len} (data.packing: packed rows are nearly that long)"
              if recipe.data.packing else
              f"seq_len = data.max_seq_len = {seq_len} (the worst case: batches pad to their longest row)"]
+    on = shape.lora_targets(recipe.lora.target_modules)
+    notes.append(f"LoRA on {len(on)} of the {len(shape.layer_linears)} linears of each {shape.model_type} decoder "
+                 f"layer: {', '.join(n for n in shape.layer_linears if n in on)}")
     sharding = "none" if nproc == 1 else "fsdp" if recipe.distributed.fsdp else "ddp"
     if sharding == "fsdp":
         notes.append("FSDP: each rank first loads the whole 4-bit base, then shards it; that load-time peak is "
@@ -319,12 +296,15 @@ def format_plan(p: Plan, recipe: Recipe) -> str:
 def check_memory(recipe: Recipe, force: bool = False, cuda: bool | None = None, quiet: bool = False,
                  nproc: int = 1) -> Plan | None:
     """Print the plan (unless `quiet`: the other ranks of a launcher run); when training would run on CUDA,
-    refuse a recipe that does not fit unless forced."""
+    refuse a recipe that does not fit unless forced. A model the plan cannot build only skips the plan; LoRA target
+    names the model lacks are refused."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     try:
         p = plan(recipe, nproc=nproc)
+    except TargetModulesError:
+        raise  # a recipe error, not a missing plan
     except PlanError as e:
         if not quiet:
             print(f"warning: memory plan skipped: {e}", flush=True)

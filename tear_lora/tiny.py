@@ -4,6 +4,8 @@
   (151,643 BPE ranks) plus Qwen3's 26 added tokens at ids 151,643-151,668, as a fast HF tokenizer.
 - `tiny_qwen3()`: a randomly initialised `Qwen3ForCausalLM` with Qwen3-1.7B's vocabulary layout (151,936
   rows, tied embeddings) but tiny layers, so it trains in seconds on a CPU.
+- `tiny_model(family="gpt_neox")`: the same for a non-Llama family (GPT-NeoX: query_key_value / dense /
+  dense_h_to_4h / dense_4h_to_h, LayerNorm, GELU MLP, untied `embed_out`), to check nothing assumes Llama naming.
 """
 
 from __future__ import annotations
@@ -53,17 +55,34 @@ def tiny_qwen3_config(**overrides):
     return Qwen3Config(**settings)
 
 
-def tiny_qwen3(seed: int = 0, **overrides):
+def tiny_gpt_neox_config(**overrides):
+    from transformers import GPTNeoXConfig
+
+    settings = dict(vocab_size=QWEN3_EMBEDDING_ROWS, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+                    eos_token_id=QWEN3_FIRST_ADDED_ID, bos_token_id=None, pad_token_id=QWEN3_FIRST_ADDED_ID)
+    settings.update(overrides)
+    return GPTNeoXConfig(**settings)
+
+
+TINY_CONFIGS = {"qwen3": tiny_qwen3_config, "gpt_neox": tiny_gpt_neox_config}
+
+
+def tiny_model(family: str = "qwen3", seed: int = 0, **overrides):
     import torch
-    from transformers import Qwen3ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(tiny_qwen3_config(**overrides)).float()
+    return AutoModelForCausalLM.from_config(TINY_CONFIGS[family](**overrides)).float()
 
 
-def write_tiny_model(out_dir: str | Path, seed: int = 0) -> Path:
+def tiny_qwen3(seed: int = 0, **overrides):
+    return tiny_model("qwen3", seed, **overrides)
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0, family: str = "qwen3") -> Path:
     """Save the tiny model and the real Qwen3 tokenizer as a normal HF model directory."""
     out_dir = Path(out_dir)
-    tiny_qwen3(seed).save_pretrained(out_dir)
+    tiny_model(family, seed).save_pretrained(out_dir)
     qwen3_tokenizer().save_pretrained(out_dir)
     return out_dir

@@ -242,3 +242,74 @@ def test_activation_offloading_moves_the_checkpointed_inputs_off_the_card():
     assert base.components[key] - trl.components[key] == (28 - 5) * layer
     assert base.components[key] - hf.components[key] == (28 - 1) * layer
     assert hf.peak_allocated < trl.peak_allocated < base.peak_allocated
+
+
+def tiny_config(model_type: str) -> dict:
+    """A tiny config dict of a non-Llama family, as a config.json holds it."""
+    from transformers import AutoConfig
+
+    sizes = {"gpt2": dict(n_embd=64, n_layer=2, n_head=4),
+             "phi": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)}
+    return AutoConfig.for_model(model_type, vocab_size=1000, bos_token_id=0, eos_token_id=0, **sizes[model_type]).to_dict()
+
+
+@pytest.mark.parametrize("model_type, linears, groups, tied", [
+    ("gpt_neox", {"attention.query_key_value": (64, 192), "attention.dense": (64, 64),
+                  "mlp.dense_h_to_4h": (64, 256), "mlp.dense_4h_to_h": (256, 64)},
+     [("attention.query_key_value",), ("attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)], False),
+    ("phi", {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 64), "self_attn.v_proj": (64, 64),
+             "self_attn.dense": (64, 64), "mlp.fc1": (64, 256), "mlp.fc2": (256, 64)},
+     [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.dense",), ("mlp.fc1",), ("mlp.fc2",)],
+     False),
+    ("gpt2", {"attn.c_attn": (64, 192), "attn.c_proj": (64, 64), "mlp.c_fc": (64, 256), "mlp.c_proj": (256, 64)},
+     [("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)], True),
+])
+def test_non_llama_families_are_planned_with_their_own_linears(model_type, linears, groups, tied, tmp_path):
+    """The decoder linears come from the model itself (built on the meta device), so the LoRA terms use the family's
+    names and widths: GPT-NeoX's fused query_key_value, Phi's dense/fc1/fc2, GPT-2's Conv1D (and its two c_proj)."""
+    from tear_lora.tiny import tiny_gpt_neox_config
+
+    config = tiny_gpt_neox_config().to_dict() if model_type == "gpt_neox" else tiny_config(model_type)
+    shape = Shape.from_config(config)
+    assert shape.linears() == linears and shape.input_groups == groups and shape.tied is tied
+    assert (shape.hidden, shape.layers, shape.intermediate) == (64, 2, 256)
+    recipe = qwen_recipe("lora.target_modules=all-linear", "lora.r=8")
+    assert plan_mod._sizes(recipe, shape)["lora_params"] == 2 * 8 * sum(i + o for i, o in linears.values())
+    p = plan(recipe, config)
+    assert p.fits and f"LoRA on {len(linears)} of the {len(linears)} linears" in p.notes[-1]
+    assert all(name in p.notes[-1] for name in linears)
+    leaf = list(linears)[-1].rsplit(".", 1)[-1]  # PEFT's rule: a name matches by its last dotted parts (GPT-2: both c_proj)
+    on = shape.lora_targets([leaf])
+    assert on == {n for n in linears if n.endswith("." + leaf)}
+    saved_all = plan_mod.layer_bytes_per_token(shape, 2, 0.0, set(linears))[0]
+    assert plan_mod.layer_bytes_per_token(shape, 2, 0.0, on)[0] < saved_all
+
+
+def test_lora_targets_the_model_lacks_are_refused_in_plan_and_train(capsys):
+    """A target name that matches no module is a recipe error: `plan` exits 2 with one line naming the model's
+    linears, and `train` stops before loading anything (PEFT would skip it silently next to a good name)."""
+    from tear_lora.cli import main
+
+    bad = qwen_recipe("lora.target_modules=['q_proj', 'query_key_value']")
+    with pytest.raises(plan_mod.TargetModulesError, match="'query_key_value' names no module of this qwen3 model; "
+                       "its decoder linears are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"):
+        check_memory(bad, cuda=False, quiet=True)
+    assert main(["plan", str(QWEN), "--set", "lora.target_modules=['qkv']"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: lora.target_modules: 'qkv' names no module") and "\n" not in err
+    # dotted suffixes and regexes match as PEFT matches them
+    shape = Shape.from_config(load_model_config("Qwen/Qwen3-1.7B-Base")[0])
+    assert shape.lora_targets(["self_attn.q_proj", "mlp.down_proj"]) == {"self_attn.q_proj", "mlp.down_proj"}
+    assert shape.lora_targets(r".*\.(k|v)_proj") == {"self_attn.k_proj", "self_attn.v_proj"}
+
+
+def test_a_model_transformers_cannot_build_skips_the_plan_with_one_line(tmp_path, capsys):
+    """Unknown model_type (or a config missing what its class needs): `plan` refuses with what it supports; training
+    only warns that the plan was skipped."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-family", "hidden_size": 64}))
+    recipe = qwen_recipe(f"model.name_or_path={tmp_path}")
+    with pytest.raises(PlanError, match="cannot build model_type 'no-such-family'.*supports the causal LMs transformers"):
+        plan(recipe)
+    assert check_memory(recipe, cuda=True) is None
+    out = capsys.readouterr().out
+    assert out.startswith("warning: memory plan skipped: cannot build model_type 'no-such-family'") and out.count("\n") == 1
