@@ -39,12 +39,13 @@ from .rawdata import DataError, Reject, Row, TripleReader, load_triples
 from .tokens import tokenizer_hash
 
 __all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples",
-           "prepare", "tokenize_row"]
+           "prepare", "read_triples", "tokenize_row"]
 
 CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
 FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
                      "meta": Value("string")})  # meta: the row's meta object as JSON text, or null
 LOCK_POLL_S = 0.25
+NOTED_REJECTS = 5  # rejected rows named on stderr (FILE:LINE: reason) after the counts line; all are in the manifest
 
 
 # ---- tokenizing -----------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def tokenize_row(tokenizer, fields: dict, max_seq_len: int, truncation: str, min
 
 
 def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tuple[dict, list[Reject]]:
-    """Stream the reader: tokenize each good row and `write` it at once; -> (manifest counts, rejects).
+    """Stream the reader: tokenize each good row and `write(record, row)` it at once; -> (manifest counts, rejects).
 
     Without skip_invalid the first bad row dooms the run, so from there on rows are only validated (every
     problem still gets listed) and nothing more is tokenized.
@@ -107,7 +108,7 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
         input_ids, roles, cut = result
         meta = row.fields.get("meta")
         write({"id": row.fields["id"], "input_ids": input_ids, "span_roles": roles,
-               "meta": None if meta is None else rawdata.meta_json(meta)})
+               "meta": None if meta is None else rawdata.meta_json(meta)}, row)
         kept, trimmed = kept + 1, trimmed + (cut > 0)
         for role, name in template.ROLE_NAMES.items():
             lengths[name].append(roles.count(role))
@@ -119,9 +120,24 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
         raise DataError(f"{reader.path}:{first.line}: no usable rows: all {len(rejects)} were rejected "
                         f"(this one: {first.reason})")
     counts = {"rows_read": reader.rows_read, "rows_kept": kept, "rows_rejected": len(rejects),
-              "rows_rejected_invalid": invalid_count, "rows_trimmed": trimmed, "tokens": _length_stats(lengths),
+              "rows_rejected_invalid": invalid_count, "rows_too_long": len(rejects) - invalid_count,
+              "rows_trimmed": trimmed, "tokens": _length_stats(lengths),
               "notices": reader.notices(), "rejects": [{"line": r.line, "reason": r.reason} for r in rejects]}
     return counts, rejects
+
+
+def describe_counts(path, counts: dict, max_seq_len: int) -> list[str]:
+    """What reading a file kept and dropped, as prepare, eval and analyze all print it: one counts line, then the
+    first NOTED_REJECTS dropped rows as FILE:LINE: reason."""
+    lines = [f"{path}: {counts['rows_read']} rows read: {counts['rows_kept']} kept, {counts['rows_rejected_invalid']} "
+             f"invalid, {counts['rows_too_long']} too long (data.max_seq_len {max_seq_len}), {counts['rows_trimmed']} "
+             "trimmed"]
+    rejects = counts["rejects"]
+    lines += [f"{path}:{r['line']}: dropped: {r['reason']}" for r in rejects[:NOTED_REJECTS]]
+    if len(rejects) > NOTED_REJECTS:
+        lines.append(f"{path}:{rejects[NOTED_REJECTS]['line']}: ... and {len(rejects) - NOTED_REJECTS} more dropped "
+                     "row(s) from this line on")
+    return lines
 
 
 def _length_stats(lengths: dict[str, array]) -> dict[str, dict[str, float]]:
@@ -163,13 +179,7 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
     of its own in the cache key, and evaluation never asks for it (its numbers stay per triple).
     """
     raw_path = Path(raw_path)
-    skip_invalid = recipe.data.skip_invalid if skip_invalid is None else skip_invalid
-    settings = {"max_seq_len": recipe.data.max_seq_len, "truncation": recipe.data.truncation,
-                "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
-                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields,
-                "packing": packed}
-    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields,  # file-level checks first
-                          field_bound(tokenizer, recipe.data.max_seq_len))
+    reader, settings = _open(raw_path, tokenizer, recipe, skip_invalid, packed)
     source_hash, tok_hash = file_hash(raw_path), tokenizer_hash(tokenizer)
     key = cache_key(source_hash, tokenizer_fingerprint(tokenizer, tok_hash), settings)
     manifest = {"source": str(raw_path), "source_sha256": source_hash, "settings": settings, "cache_key": key,
@@ -177,8 +187,8 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
                 "recipe_hash": recipe.hash()}
     if not save:
         records: dict[str, list] = {name: [] for name in FEATURES}
-        counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r: [records[k].append(r[k]) for k in records])
-        _print_notices(counts["notices"])
+        counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r, _: [records[k].append(r[k]) for k in records])
+        _print_notices(counts["notices"] + describe_counts(raw_path, counts, recipe.data.max_seq_len))
         dataset = Dataset.from_dict(records, features=FEATURES)
         rows = pack_triples(dataset, recipe.data.max_seq_len) if packed else None
         if rows is not None:
@@ -198,10 +208,38 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
                 cached = _load_cached(final, key)
         if cached is None:
             raise DataError(f"{final}: the processed data just written cannot be read back; is the disk full?")
-    _print_notices(cached.manifest.get("notices", []))
+    _print_notices(cached.manifest.get("notices", []) + describe_counts(raw_path, cached.manifest,
+                                                                        recipe.data.max_seq_len))
     if packed:
         _print_notices([describe_packing(cached.manifest["packing"])])
     return cached
+
+
+def read_triples(raw_path: str | Path, tokenizer, recipe, skip_invalid: bool | None = None) -> tuple[list[dict], dict]:
+    """-> (the rows `prepare` keeps, as their fields: input, response, witness, id, meta; prepare's counts).
+
+    For verbs that re-pair responses and witnesses (analyze) and so need the text, not token ids. The reading is
+    prepare's own (reader, data.skip_invalid, data.fields, tokenization limits) and so are the printed counts:
+    for one file and recipe, analyze keeps, drops and reports exactly the rows eval does.
+    """
+    raw_path = Path(raw_path)
+    reader, settings = _open(raw_path, tokenizer, recipe, skip_invalid)
+    rows: list[dict] = []
+    counts, _ = _tokenize_all(reader, tokenizer, settings, lambda _, row: rows.append(row.fields))
+    _print_notices(counts["notices"] + describe_counts(raw_path, counts, recipe.data.max_seq_len))
+    return rows, counts
+
+
+def _open(raw_path: Path, tokenizer, recipe, skip_invalid: bool | None, packed: bool = False):
+    """(TripleReader, settings) for a file as the recipe says to read it; file-level problems raise here."""
+    skip_invalid = recipe.data.skip_invalid if skip_invalid is None else skip_invalid
+    settings = {"max_seq_len": recipe.data.max_seq_len, "truncation": recipe.data.truncation,
+                "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
+                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields,
+                "packing": packed}
+    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields,
+                          field_bound(tokenizer, recipe.data.max_seq_len))
+    return reader, settings
 
 
 def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, final: Path) -> None:
@@ -214,7 +252,7 @@ def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, fina
 
         rows_file = building / "rows.arrow"
         with ArrowWriter(features=FEATURES, path=str(rows_file)) as writer:
-            counts, rejects = _tokenize_all(reader, tokenizer, settings, writer.write)
+            counts, rejects = _tokenize_all(reader, tokenizer, settings, lambda record, _: writer.write(record))
             writer.finalize()
         triples = Dataset.from_file(str(rows_file))
         triples.save_to_disk(str(building / "dataset"))
