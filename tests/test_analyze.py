@@ -168,7 +168,8 @@ def test_probe_finds_valence_only_where_the_response_carries_it(random_model_dir
     assert by_layer[0]["auroc"] == pytest.approx(0.5)  # the same tag embedding on every row: nothing to find
     assert probe["best_auroc"] >= 0.9 and probe["best_layer"] > 0
     assert probe["shuffled_auroc_at_best"] < probe["best_auroc"] - 0.2
-    assert _result(report)["matching"] == {"skipped": _result(report)["matching"]["skipped"]}  # no pairs here
+    matching = _result(report)["matching"]  # no pairs here: skipped, nothing dropped
+    assert set(matching) == {"skipped", "dropped"} and matching["dropped"] == {"incomplete": 0, "too_long": 0}
     # valence is spelled out in the words: the TF-IDF control reads it too, so nothing is beyond the words
     assert probe["lexical_auroc"] == 1.0 and not probe["grouped_by_pair"]
     low, high = probe["beyond_lexical_ci"]
