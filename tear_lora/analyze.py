@@ -287,9 +287,11 @@ def analyze_model(scorer: Scorer, rows: list[dict], counts: dict) -> dict:
             "probe": impact_probe(scorer, rows)}
 
 
-def read_files(data_files: list[str | Path], tokenizer, recipe) -> dict[str, tuple[list[dict], dict]]:
-    """{file: (rows, counts)}, read once per tokenizer and recipe (an AdapterSet's adapters and base share one)."""
-    return {str(f): read_triples(f, tokenizer, recipe) for f in data_files}
+def read_files(data_files: list[str | Path], tokenizer, recipe,
+               skip_invalid: bool | None = None) -> dict[str, tuple[list[dict], dict]]:
+    """{file: (rows, counts)}, read once per tokenizer and recipe (an AdapterSet's adapters and base share one);
+    `skip_invalid` None: the recipe's data.skip_invalid, as in eval."""
+    return {str(f): read_triples(f, tokenizer, recipe, skip_invalid) for f in data_files}
 
 
 def _run_info(adapter_dir: Path | None) -> dict:
@@ -305,7 +307,7 @@ def _run_info(adapter_dir: Path | None) -> dict:
 
 
 def analyze(sources: list[str | Path], data_files: list[str | Path], settings: Settings | None = None,
-            base: str | None = None, trust_remote_code: bool = False) -> dict:
+            base: str | None = None, trust_remote_code: bool = False, skip_invalid: bool | None = None) -> dict:
     """Every source (and the base) on every data file: {"settings", "sources": [{name, kind, ..., "data"}]}."""
     from .adapters import AdapterSet, open_source
     from .evaluate import BASE_LABEL, base_for_merged
@@ -316,7 +318,7 @@ def analyze(sources: list[str | Path], data_files: list[str | Path], settings: S
 
     def run(model, tokenizer, recipe, name, kind, lambda_, where, info, files=None):
         scorer = Scorer(model, tokenizer, recipe, settings, name)
-        files = files or read_files(data_files, tokenizer, recipe)
+        files = files or read_files(data_files, tokenizer, recipe, skip_invalid)
         data = {f: analyze_model(scorer, rows, counts) for f, (rows, counts) in files.items()}
         results.append({"name": name, "kind": kind, "source": str(where) if where else None, "lambda": lambda_,
                         **info, "data": data})
@@ -325,7 +327,7 @@ def analyze(sources: list[str | Path], data_files: list[str | Path], settings: S
         adapter_set = AdapterSet(adapters[0], base, trust_remote_code)
         for path in adapters[1:]:
             adapter_set.add(path)
-        files = read_files(data_files, adapter_set.tokenizer, adapter_set.recipe)
+        files = read_files(data_files, adapter_set.tokenizer, adapter_set.recipe, skip_invalid)
         for label in adapter_set.labels:
             adapter_set.use(label)
             run(adapter_set.model, adapter_set.tokenizer, adapter_set.recipe, label, "adapter",
