@@ -324,4 +324,8 @@ def test_eval_and_analyze_refuse_an_invalid_row_alike(random_model_dir, flawed_f
         assert error[0].startswith(f"error: {flawed_file}:5: 1 invalid row(s); fix them"), error
         assert error[1:] == [f"{flawed_file}:5: field 'witness': must be a non-empty string (missing)"], error
         errors.append(error)
+        # the message's --skip-invalid exists on both verbs and overrides the source's data.skip_invalid
+        assert main([*argv, "--skip-invalid", *(["--folds", "3", "--bootstrap", "50"] * (argv[0] == "analyze"))]) == 0
+        assert _count_lines(capsys.readouterr().err, flawed_file)[0] == (
+            f"note: {flawed_file}: 9 rows read: 7 kept, 1 invalid, 1 too long (data.max_seq_len 64), 0 trimmed")
     assert errors[0] == errors[1]
