@@ -5,7 +5,8 @@ row is tokenized as it is read and written straight to an Arrow file, so a file 
 memory. With `skip_invalid`, bad rows are listed in rejects.jsonl (FILE:LINE, reason, a short excerpt) instead of
 stopping the run, so nothing is lost silently. A field longer than `field_bound` (data.max_seq_len x the
 longest token) is refused before it is tokenized: memory stays bounded whatever the file holds
-(docs/reliability.md has the measurement).
+(docs/reliability.md has the measurement). `read_triples` reads a file exactly as prepare does (same rows kept,
+same counts printed) but hands back the rows' text, for analyze, which re-pairs responses and witnesses.
 
 The processed set is cached in `<processed_dir>/<stem>-<key>/`, where the key hashes everything the output
 depends on (file content, tokenizer, data settings, this code). Different settings therefore never share a
