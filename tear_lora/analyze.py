@@ -22,11 +22,8 @@ bootstrap interval; matching and sensitivity get a smoothed word-overlap model o
 A model represents impact beyond the words only where it beats these. Intervals are percentile bootstraps over
 pairs / rows with a fixed seed. Everything runs the trainer's own
 pieces (template, tokenize_row, final hidden states, chunked NLL), so numbers mean what eval's numbers mean.
-
-Rows are read as eval reads them (data.read_triples: data.skip_invalid, data.fields, the same max_seq_len limits,
-the same printed counts), and each file's result carries those counts under "rows". A re-paired row (a witness
-after another row's response) can be too long where both rows fit; each instrument's "dropped" says how many of
-its pairs / rows it left out and why.
+Rows are read as eval reads them (data.read_triples: same rows kept, same counts, under "rows"); a re-paired row
+can be too long where both rows fit, and each instrument's "dropped" says what it left out and why.
 """
 
 from __future__ import annotations

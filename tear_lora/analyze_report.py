@@ -29,7 +29,7 @@ def _dropped(result: dict) -> str:
 
 
 def _read(counts: dict) -> str:
-    """What reading kept and dropped, in the words data.describe_counts prints."""
+    """What reading kept and dropped, in the words rawdata.describe_counts prints."""
     return (f"{counts['rows_read']} rows read: {counts['rows_kept']} kept, {counts['rows_rejected_invalid']} invalid, "
             f"{counts['rows_too_long']} too long (data.max_seq_len {counts['max_seq_len']}), "
             f"{counts['rows_trimmed']} trimmed")

@@ -5,8 +5,7 @@ row is tokenized as it is read and written straight to an Arrow file, so a file 
 memory. With `skip_invalid`, bad rows are listed in rejects.jsonl (FILE:LINE, reason, a short excerpt) instead of
 stopping the run, so nothing is lost silently. A field longer than `field_bound` (data.max_seq_len x the
 longest token) is refused before it is tokenized: memory stays bounded whatever the file holds
-(docs/reliability.md has the measurement). `read_triples` reads a file exactly as prepare does (same rows kept,
-same counts printed) but hands back the rows' text, for analyze, which re-pairs responses and witnesses.
+(docs/reliability.md has the measurement).
 
 The processed set is cached in `<processed_dir>/<stem>-<key>/`, where the key hashes everything the output
 depends on (file content, tokenizer, data settings, this code). Different settings therefore never share a
@@ -46,7 +45,6 @@ CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
 FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
                      "meta": Value("string")})  # meta: the row's meta object as JSON text, or null
 LOCK_POLL_S = 0.25
-NOTED_REJECTS = 5  # rejected rows named on stderr (FILE:LINE: reason) after the counts line; all are in the manifest
 
 
 # ---- tokenizing -----------------------------------------------------------------------------------------------
@@ -127,20 +125,6 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
     return counts, rejects
 
 
-def describe_counts(path, counts: dict, max_seq_len: int) -> list[str]:
-    """What reading a file kept and dropped, as prepare, eval and analyze all print it: one counts line, then the
-    first NOTED_REJECTS dropped rows as FILE:LINE: reason."""
-    lines = [f"{path}: {counts['rows_read']} rows read: {counts['rows_kept']} kept, {counts['rows_rejected_invalid']} "
-             f"invalid, {counts['rows_too_long']} too long (data.max_seq_len {max_seq_len}), {counts['rows_trimmed']} "
-             "trimmed"]
-    rejects = counts["rejects"]
-    lines += [f"{path}:{r['line']}: dropped: {r['reason']}" for r in rejects[:NOTED_REJECTS]]
-    if len(rejects) > NOTED_REJECTS:
-        lines.append(f"{path}:{rejects[NOTED_REJECTS]['line']}: ... and {len(rejects) - NOTED_REJECTS} more dropped "
-                     "row(s) from this line on")
-    return lines
-
-
 def _length_stats(lengths: dict[str, array]) -> dict[str, dict[str, float]]:
     """Per-span token counts (min / mean / p95 / max / sum) across rows; 'total' is the whole sequence."""
     stats = {}
@@ -189,7 +173,7 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
     if not save:
         records: dict[str, list] = {name: [] for name in FEATURES}
         counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r, _: [records[k].append(r[k]) for k in records])
-        _print_notices(counts["notices"] + describe_counts(raw_path, counts, recipe.data.max_seq_len))
+        _print_notices(counts["notices"] + rawdata.describe_counts(raw_path, counts, recipe.data.max_seq_len))
         dataset = Dataset.from_dict(records, features=FEATURES)
         rows = pack_triples(dataset, recipe.data.max_seq_len) if packed else None
         if rows is not None:
@@ -209,7 +193,7 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
                 cached = _load_cached(final, key)
         if cached is None:
             raise DataError(f"{final}: the processed data just written cannot be read back; is the disk full?")
-    _print_notices(cached.manifest.get("notices", []) + describe_counts(raw_path, cached.manifest,
+    _print_notices(cached.manifest.get("notices", []) + rawdata.describe_counts(raw_path, cached.manifest,
                                                                         recipe.data.max_seq_len))
     if packed:
         _print_notices([describe_packing(cached.manifest["packing"])])
@@ -217,17 +201,13 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
 
 
 def read_triples(raw_path: str | Path, tokenizer, recipe, skip_invalid: bool | None = None) -> tuple[list[dict], dict]:
-    """-> (the rows `prepare` keeps, as their fields: input, response, witness, id, meta; prepare's counts).
-
-    For verbs that re-pair responses and witnesses (analyze) and so need the text, not token ids. The reading is
-    prepare's own (reader, data.skip_invalid, data.fields, tokenization limits) and so are the printed counts:
-    for one file and recipe, analyze keeps, drops and reports exactly the rows eval does.
-    """
+    """-> (the rows `prepare` keeps, as fields: input, response, witness, id, meta; prepare's counts), read and
+    printed exactly as prepare does: analyze, which re-pairs responses and witnesses, needs the text, not ids."""
     raw_path = Path(raw_path)
     reader, settings = _open(raw_path, tokenizer, recipe, skip_invalid)
     rows: list[dict] = []
     counts, _ = _tokenize_all(reader, tokenizer, settings, lambda _, row: rows.append(row.fields))
-    _print_notices(counts["notices"] + describe_counts(raw_path, counts, recipe.data.max_seq_len))
+    _print_notices(counts["notices"] + rawdata.describe_counts(raw_path, counts, recipe.data.max_seq_len))
     return rows, counts
 
 
