@@ -22,6 +22,8 @@ bootstrap interval; matching and sensitivity get a smoothed word-overlap model o
 A model represents impact beyond the words only where it beats these. Intervals are percentile bootstraps over
 pairs / rows with a fixed seed. Everything runs the trainer's own
 pieces (template, tokenize_row, final hidden states, chunked NLL), so numbers mean what eval's numbers mean.
+Rows are read as eval reads them (data.read_triples: same rows kept, same counts, under "rows"); a re-paired row
+can be too long where both rows fit, and each instrument's "dropped" says what it left out and why.
 """
 
 from __future__ import annotations
@@ -35,10 +37,9 @@ import numpy as np
 import torch
 
 from .batch import SpanCollator, final_hidden_states, unwrap_causal_lm
-from .data import tokenize_row
+from .data import read_triples, tokenize_row
 from .lexical import OverlapScorer, auroc_difference, out_of_fold, probe_folds, text_probe_scores
 from .loss import span_targets, token_nll
-from .rawdata import load_triples
 from .template import WITNESS
 from .tokens import RESPONSE_CLOSE
 
@@ -146,8 +147,6 @@ def witness_matching(scorer: Scorer, rows: list[dict]) -> dict:
             pairs[str(meta["pair"])][meta["valence"]] = row
     complete = [(p["helpful"], p["harmful"]) for p in pairs.values() if len(p) == 2 and
                 p["helpful"]["input"] == p["harmful"]["input"]]
-    if not complete:
-        return {"skipped": "no contrast pairs (rows sharing meta.pair and input, one helpful and one harmful)"}
     encoded, texts = [], []
     for a, b in complete:  # NLL(wA|A), NLL(wB|A), NLL(wA|B), NLL(wB|B)
         four = [scorer.encode(a["input"], r["response"], w["witness"]) for r in (a, b) for w in (a, b)]
@@ -155,14 +154,20 @@ def witness_matching(scorer: Scorer, rows: list[dict]) -> dict:
             encoded += four
             texts += [(r["response"], w["witness"]) for r in (a, b) for w in (a, b)]
     kept = len(encoded) // 4
+    # incomplete: a meta.pair without one helpful and one harmful row of one input among the rows kept (a side
+    # dropped at reading, as invalid or too long, lands here); too_long: a witness after the other response
+    dropped = {"incomplete": len(pairs) - len(complete), "too_long": len(complete) - kept}
+    if not complete:
+        return {"skipped": "no contrast pairs (rows sharing meta.pair and input, one helpful and one harmful)",
+                "dropped": dropped}
     if not kept:
-        return {"skipped": f"none of {len(complete)} contrast pairs fits data.max_seq_len"}
+        return {"skipped": f"none of {len(complete)} contrast pairs fits data.max_seq_len", "dropped": dropped}
 
     def per_token(nll):  # a witness with no words (punctuation only) scores 0 for the overlap model, not NaN
         return (nll[:, 0] / np.maximum(nll[:, 1], 1)).reshape(kept, 4)
 
     lexical = _matching_stats(per_token(_overlap_scorer(rows).nll_rows(texts)), scorer.settings)
-    return {"pairs": kept, "pairs_skipped": len(complete) - kept, "chance": 0.25,
+    return {"pairs": kept, "dropped": dropped, "chance": 0.25,
             **_matching_stats(per_token(scorer.witness_nll(encoded, "matching")), scorer.settings),
             "lexical": {k: lexical[k] for k in ("accuracy", "accuracy_ci", "margin_nats", "margin_ci")}}
 
@@ -198,15 +203,20 @@ def response_sensitivity(scorer: Scorer, rows: list[dict]) -> dict:
             true_rows.append(true)
             swapped_rows.append(swapped)
             kept.append((i, j))
+    # no_partner: no other row of its meta.domain with a different response (or no meta.domain);
+    # too_long: its witness after the partner's response does not fit data.max_seq_len
+    with_partner = sum(j is not None for j in partner)
+    dropped = {"no_partner": len(rows) - with_partner, "too_long": with_partner - len(kept)}
     if not true_rows:
-        return {"skipped": "no two rows of one meta.domain with different responses"}
+        return {"skipped": "no two rows of one meta.domain with different responses that fit data.max_seq_len",
+                "dropped": dropped}
     true, swapped = scorer.witness_nll(true_rows, "true responses"), scorer.witness_nll(swapped_rows, "swapped")
     difference, tokens = swapped[:, 0] - true[:, 0], true[:, 1]
     overlap = _overlap_scorer(rows)
     lex_true = overlap.nll_rows([(rows[i]["response"], rows[i]["witness"]) for i, _ in kept])
     lex_swapped = overlap.nll_rows([(rows[j]["response"], rows[i]["witness"]) for i, j in kept])
     lex_difference, lex_words = lex_swapped[:, 0] - lex_true[:, 0], lex_true[:, 1]
-    return {"rows": len(true_rows), "witness_tokens": int(tokens.sum()),
+    return {"rows": len(true_rows), "dropped": dropped, "witness_tokens": int(tokens.sum()),
             "nats_per_token": float(difference.sum() / tokens.sum()),
             "ci": _bootstrap(difference, scorer.settings, tokens),
             "true_witness_nll": float(true[:, 0].sum() / tokens.sum()),
@@ -264,15 +274,21 @@ def impact_probe(scorer: Scorer, rows: list[dict]) -> dict:
             "beyond_lexical_ci": beyond["ci"]}
 
 
-def analyze_model(scorer: Scorer, rows: list[dict]) -> dict:
-    return {"matching": witness_matching(scorer, rows), "sensitivity": response_sensitivity(scorer, rows),
+COUNT_KEYS = ("rows_read", "rows_kept", "rows_rejected_invalid", "rows_too_long", "rows_trimmed")
+
+
+def analyze_model(scorer: Scorer, rows: list[dict], counts: dict) -> dict:
+    """The three instruments on one file's kept rows; "rows" says what reading kept and dropped (as eval counts)."""
+    return {"rows": {**{k: counts[k] for k in COUNT_KEYS}, "max_seq_len": scorer.limits["max_seq_len"]},
+            "matching": witness_matching(scorer, rows), "sensitivity": response_sensitivity(scorer, rows),
             "probe": impact_probe(scorer, rows)}
 
 
-def read_rows(path: str | Path, recipe) -> list[dict]:
-    """Validated triples as plain dicts (same reader and FILE:LINE errors as training)."""
-    kept, _ = load_triples(path, fields=recipe.data.fields)
-    return [row.fields for row in kept]
+def read_files(data_files: list[str | Path], tokenizer, recipe,
+               skip_invalid: bool | None = None) -> dict[str, tuple[list[dict], dict]]:
+    """{file: (rows, counts)}, read once per tokenizer and recipe (an AdapterSet's adapters and base share one);
+    `skip_invalid` None: the recipe's data.skip_invalid, as in eval."""
+    return {str(f): read_triples(f, tokenizer, recipe, skip_invalid) for f in data_files}
 
 
 def _run_info(adapter_dir: Path | None) -> dict:
@@ -288,7 +304,7 @@ def _run_info(adapter_dir: Path | None) -> dict:
 
 
 def analyze(sources: list[str | Path], data_files: list[str | Path], settings: Settings | None = None,
-            base: str | None = None, trust_remote_code: bool = False) -> dict:
+            base: str | None = None, trust_remote_code: bool = False, skip_invalid: bool | None = None) -> dict:
     """Every source (and the base) on every data file: {"settings", "sources": [{name, kind, ..., "data"}]}."""
     from .adapters import AdapterSet, open_source
     from .evaluate import BASE_LABEL, base_for_merged
@@ -297,9 +313,10 @@ def analyze(sources: list[str | Path], data_files: list[str | Path], settings: S
     adapters = [Path(s) for s in sources if (Path(s) / "adapter_config.json").exists()]
     results = []
 
-    def run(model, tokenizer, recipe, name, kind, lambda_, where, info):
+    def run(model, tokenizer, recipe, name, kind, lambda_, where, info, files=None):
         scorer = Scorer(model, tokenizer, recipe, settings, name)
-        data = {str(f): analyze_model(scorer, read_rows(f, recipe)) for f in data_files}
+        files = files or read_files(data_files, tokenizer, recipe, skip_invalid)
+        data = {f: analyze_model(scorer, rows, counts) for f, (rows, counts) in files.items()}
         results.append({"name": name, "kind": kind, "source": str(where) if where else None, "lambda": lambda_,
                         **info, "data": data})
 
@@ -307,13 +324,15 @@ def analyze(sources: list[str | Path], data_files: list[str | Path], settings: S
         adapter_set = AdapterSet(adapters[0], base, trust_remote_code)
         for path in adapters[1:]:
             adapter_set.add(path)
+        files = read_files(data_files, adapter_set.tokenizer, adapter_set.recipe, skip_invalid)
         for label in adapter_set.labels:
             adapter_set.use(label)
             run(adapter_set.model, adapter_set.tokenizer, adapter_set.recipe, label, "adapter",
-                adapter_set.metadata[label].get("lambda"), adapter_set.dirs[label], _run_info(adapter_set.dirs[label]))
+                adapter_set.metadata[label].get("lambda"), adapter_set.dirs[label], _run_info(adapter_set.dirs[label]),
+                files)
         with adapter_set.model.disable_adapter():
             run(adapter_set.model, adapter_set.tokenizer, adapter_set.recipe, BASE_LABEL, "base", None,
-                adapter_set.recipe.model.name_or_path, {"seed": None, "response_weight": {}})
+                adapter_set.recipe.model.name_or_path, {"seed": None, "response_weight": {}}, files)
         del adapter_set
     merged = [Path(s) for s in sources if Path(s) not in adapters]
     for path in merged:

@@ -21,6 +21,20 @@ def _interval(low_high) -> str:
     return "" if not low_high else f" [{low_high[0]:.3f}, {low_high[1]:.3f}]"
 
 
+def _dropped(result: dict) -> str:
+    """An instrument's left-out pairs / rows by reason, e.g. "; dropped: 1 incomplete" (the JSON has every reason,
+    zeros too; the table only those that left something out)."""
+    dropped = {why: n for why, n in (result.get("dropped") or {}).items() if n}
+    return "; dropped: " + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in dropped.items()) if dropped else ""
+
+
+def _read(counts: dict) -> str:
+    """What reading kept and dropped, in the words rawdata.describe_counts prints."""
+    return (f"{counts['rows_read']} rows read: {counts['rows_kept']} kept, {counts['rows_rejected_invalid']} invalid, "
+            f"{counts['rows_too_long']} too long (data.max_seq_len {counts['max_seq_len']}), "
+            f"{counts['rows_trimmed']} trimmed")
+
+
 def format_analysis(report: dict) -> str:
     """One table per data file: matching, sensitivity, probe for every source, each beside its words-only control
     (the same for every source: it reads only the data)."""
@@ -58,12 +72,13 @@ def format_analysis(report: dict) -> str:
             words.append(f"TF-IDF probe AUROC {first['probe']['lexical_auroc']:.3f}")
         if words:
             lines.append(f"{'words only (overlap / TF-IDF)':30s} " + "; ".join(words))
-        notes = [f"{k}: {v['skipped']}" for k, v in first.items() if "skipped" in v]
-        counts = []
+        notes = [f"{k}: {v['skipped']}{_dropped(v)}" for k, v in first.items() if "skipped" in v]
+        counts = [_read(first["rows"])] if "rows" in first else []
         if "pairs" in first.get("matching", {}):
-            counts.append(f"{first['matching']['pairs']} pairs (chance 0.25)")
+            counts.append(f"{first['matching']['pairs']} pairs (chance 0.25{_dropped(first['matching'])})")
         if "rows" in first.get("sensitivity", {}):
-            counts.append(f"sensitivity on {first['sensitivity']['rows']} rows, nats per witness token")
+            counts.append(f"sensitivity on {first['sensitivity']['rows']} rows, nats per witness token"
+                          f"{_dropped(first['sensitivity'])}")
         if "rows" in first.get("probe", {}):
             counts.append(f"probe on {first['probe']['rows']} rows, {first['probe']['folds']}-fold"
                           f"{' grouped by pair' if first['probe'].get('grouped_by_pair') else ''}; floor = max "

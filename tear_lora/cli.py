@@ -208,7 +208,8 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate, format_table
 
-    rows = evaluate(args.sources, args.data, args.base, args.batch_size, args.trust_remote_code)
+    rows = evaluate(args.sources, args.data, args.base, args.batch_size, args.trust_remote_code,
+                    args.skip_invalid or None)
     _emit(rows, args.json, lambda: format_table(rows))
     return 0
 
@@ -243,6 +244,12 @@ def _verify_args(p: argparse.ArgumentParser, compared: str, default_data: str) -
     p.add_argument("--rows", type=int, default=16, help="rows for --verify (default 16)")
 
 
+def _skip_invalid_arg(p: argparse.ArgumentParser) -> None:
+    """eval and analyze read --data as training does (the source's recipe: data.skip_invalid); this overrides it."""
+    p.add_argument("--skip-invalid", action="store_true", help="skip bad rows of --data, counting them and naming "
+                   "the first few on stderr (default: the source's data.skip_invalid)")
+
+
 def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = False, report: bool = True) -> None:
     if base:
         p.add_argument("--base", help="local copy of the base the adapter was trained on (default: its recipe's)")
@@ -262,7 +269,7 @@ def cmd_analyze(args) -> int:
     layers = [int(v) for v in args.layers.split(",")] if args.layers else None
     settings = Settings(folds=args.folds, seed=args.seed, bootstrap=args.bootstrap, layers=layers,
                         batch_size=args.batch_size)
-    report = analyze(args.sources, args.data, settings, args.base, args.trust_remote_code)
+    report = analyze(args.sources, args.data, settings, args.base, args.trust_remote_code, args.skip_invalid or None)
     if args.plot:
         report["plot"] = str(plot_analysis(report, args.plot))
     _emit(report, args.json, lambda: format_analysis(report) + (f"\nplot: {report['plot']}" if args.plot else ""))
@@ -380,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="adapter dirs and/or merged model dirs")
     p.add_argument("--data", required=True, help="held-out triples (.jsonl, .csv, .parquet, dataset dir)")
     p.add_argument("--batch-size", type=int, default=8)
+    _skip_invalid_arg(p)
     _release_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -410,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     p.add_argument("--layers", help="probe layers, e.g. 0,6,12 (0 = embeddings; default: every layer)")
     p.add_argument("--batch-size", type=int, default=8)
+    _skip_invalid_arg(p)
     _release_args(p)
     p.set_defaults(func=cmd_analyze)
 

@@ -39,7 +39,7 @@ from .rawdata import DataError, Reject, Row, TripleReader, load_triples
 from .tokens import tokenizer_hash
 
 __all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples",
-           "prepare", "tokenize_row"]
+           "prepare", "read_triples", "tokenize_row"]
 
 CACHE_FORMAT = 2  # bump when the layout of a processed directory changes
 FEATURES = Features({"id": Value("string"), "input_ids": List(Value("int32")), "span_roles": List(Value("int8")),
@@ -79,7 +79,7 @@ def tokenize_row(tokenizer, fields: dict, max_seq_len: int, truncation: str, min
 
 
 def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tuple[dict, list[Reject]]:
-    """Stream the reader: tokenize each good row and `write` it at once; -> (manifest counts, rejects).
+    """Stream the reader: tokenize each good row and `write(record, row)` it at once; -> (manifest counts, rejects).
 
     Without skip_invalid the first bad row dooms the run, so from there on rows are only validated (every
     problem still gets listed) and nothing more is tokenized.
@@ -107,7 +107,7 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
         input_ids, roles, cut = result
         meta = row.fields.get("meta")
         write({"id": row.fields["id"], "input_ids": input_ids, "span_roles": roles,
-               "meta": None if meta is None else rawdata.meta_json(meta)})
+               "meta": None if meta is None else rawdata.meta_json(meta)}, row)
         kept, trimmed = kept + 1, trimmed + (cut > 0)
         for role, name in template.ROLE_NAMES.items():
             lengths[name].append(roles.count(role))
@@ -119,7 +119,8 @@ def _tokenize_all(reader: TripleReader, tokenizer, settings: dict, write) -> tup
         raise DataError(f"{reader.path}:{first.line}: no usable rows: all {len(rejects)} were rejected "
                         f"(this one: {first.reason})")
     counts = {"rows_read": reader.rows_read, "rows_kept": kept, "rows_rejected": len(rejects),
-              "rows_rejected_invalid": invalid_count, "rows_trimmed": trimmed, "tokens": _length_stats(lengths),
+              "rows_rejected_invalid": invalid_count, "rows_too_long": len(rejects) - invalid_count,
+              "rows_trimmed": trimmed, "tokens": _length_stats(lengths),
               "notices": reader.notices(), "rejects": [{"line": r.line, "reason": r.reason} for r in rejects]}
     return counts, rejects
 
@@ -163,13 +164,7 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
     of its own in the cache key, and evaluation never asks for it (its numbers stay per triple).
     """
     raw_path = Path(raw_path)
-    skip_invalid = recipe.data.skip_invalid if skip_invalid is None else skip_invalid
-    settings = {"max_seq_len": recipe.data.max_seq_len, "truncation": recipe.data.truncation,
-                "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
-                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields,
-                "packing": packed}
-    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields,  # file-level checks first
-                          field_bound(tokenizer, recipe.data.max_seq_len))
+    reader, settings = _open(raw_path, tokenizer, recipe, skip_invalid, packed)
     source_hash, tok_hash = file_hash(raw_path), tokenizer_hash(tokenizer)
     key = cache_key(source_hash, tokenizer_fingerprint(tokenizer, tok_hash), settings)
     manifest = {"source": str(raw_path), "source_sha256": source_hash, "settings": settings, "cache_key": key,
@@ -177,8 +172,8 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
                 "recipe_hash": recipe.hash()}
     if not save:
         records: dict[str, list] = {name: [] for name in FEATURES}
-        counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r: [records[k].append(r[k]) for k in records])
-        _print_notices(counts["notices"])
+        counts, _ = _tokenize_all(reader, tokenizer, settings, lambda r, _: [records[k].append(r[k]) for k in records])
+        _print_notices(counts["notices"] + rawdata.describe_counts(raw_path, counts, recipe.data.max_seq_len))
         dataset = Dataset.from_dict(records, features=FEATURES)
         rows = pack_triples(dataset, recipe.data.max_seq_len) if packed else None
         if rows is not None:
@@ -198,10 +193,34 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
                 cached = _load_cached(final, key)
         if cached is None:
             raise DataError(f"{final}: the processed data just written cannot be read back; is the disk full?")
-    _print_notices(cached.manifest.get("notices", []))
+    _print_notices(cached.manifest.get("notices", []) + rawdata.describe_counts(raw_path, cached.manifest,
+                                                                        recipe.data.max_seq_len))
     if packed:
         _print_notices([describe_packing(cached.manifest["packing"])])
     return cached
+
+
+def read_triples(raw_path: str | Path, tokenizer, recipe, skip_invalid: bool | None = None) -> tuple[list[dict], dict]:
+    """-> (the rows `prepare` keeps, as fields: input, response, witness, id, meta; prepare's counts), read and
+    printed exactly as prepare does: analyze, which re-pairs responses and witnesses, needs the text, not ids."""
+    raw_path = Path(raw_path)
+    reader, settings = _open(raw_path, tokenizer, recipe, skip_invalid)
+    rows: list[dict] = []
+    counts, _ = _tokenize_all(reader, tokenizer, settings, lambda _, row: rows.append(row.fields))
+    _print_notices(counts["notices"] + rawdata.describe_counts(raw_path, counts, recipe.data.max_seq_len))
+    return rows, counts
+
+
+def _open(raw_path: Path, tokenizer, recipe, skip_invalid: bool | None, packed: bool = False):
+    """(TripleReader, settings) for a file as the recipe says to read it; file-level problems raise here."""
+    skip_invalid = recipe.data.skip_invalid if skip_invalid is None else skip_invalid
+    settings = {"max_seq_len": recipe.data.max_seq_len, "truncation": recipe.data.truncation,
+                "min_input_tokens": recipe.data.min_input_tokens, "skip_invalid": skip_invalid,
+                "fields": rawdata.resolve_fields(recipe.data.fields), "keep_extra_fields": recipe.data.keep_extra_fields,
+                "packing": packed}
+    reader = TripleReader(raw_path, recipe.data.fields, recipe.data.keep_extra_fields,
+                          field_bound(tokenizer, recipe.data.max_seq_len))
+    return reader, settings
 
 
 def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, final: Path) -> None:
@@ -214,7 +233,7 @@ def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, fina
 
         rows_file = building / "rows.arrow"
         with ArrowWriter(features=FEATURES, path=str(rows_file)) as writer:
-            counts, rejects = _tokenize_all(reader, tokenizer, settings, writer.write)
+            counts, rejects = _tokenize_all(reader, tokenizer, settings, lambda record, _: writer.write(record))
             writer.finalize()
         triples = Dataset.from_file(str(rows_file))
         triples.save_to_disk(str(building / "dataset"))

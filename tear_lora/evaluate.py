@@ -56,9 +56,11 @@ def _row(name: str, kind: str, source, lambda_, stats: dict) -> dict:
     return {"name": name, "kind": kind, "source": str(source) if source else None, "lambda": lambda_, **stats}
 
 
-def source_rows(source, data_file, batch_size: int = 8, base_row: bool = True) -> list[dict]:
-    """One row per model in `source` (an AdapterSet or MergedModel), plus the base row for an AdapterSet."""
-    dataset = prepare(data_file, source.tokenizer, source.recipe, save=False).dataset
+def source_rows(source, data_file, batch_size: int = 8, base_row: bool = True,
+                skip_invalid: bool | None = None) -> list[dict]:
+    """One row per model in `source` (an AdapterSet or MergedModel), plus the base row for an AdapterSet.
+    `skip_invalid` None: the source recipe's data.skip_invalid."""
+    dataset = prepare(data_file, source.tokenizer, source.recipe, skip_invalid=skip_invalid, save=False).dataset
     pad, chunk = source.tokenizer.pad_token_id, source.recipe.objective.loss_chunk_size
     kind = "adapter" if isinstance(source, AdapterSet) else "merged"
     rows = []
@@ -76,7 +78,7 @@ def source_rows(source, data_file, batch_size: int = 8, base_row: bool = True) -
 
 
 def evaluate(sources: list[str | Path], data_file: str | Path, base: str | None = None,
-             batch_size: int = 8, trust_remote_code: bool = False) -> list[dict]:
+             batch_size: int = 8, trust_remote_code: bool = False, skip_invalid: bool | None = None) -> list[dict]:
     """Rows for every SOURCE: adapters share one 4-bit base (refused if trained on different bases)."""
     adapters = [Path(s) for s in sources if (Path(s) / "adapter_config.json").exists()]
     others = [Path(s) for s in sources if Path(s) not in adapters]
@@ -85,29 +87,29 @@ def evaluate(sources: list[str | Path], data_file: str | Path, base: str | None 
         adapter_set = AdapterSet(adapters[0], base, trust_remote_code)
         for path in adapters[1:]:
             adapter_set.add(path)
-        rows += source_rows(adapter_set, data_file, batch_size)
+        rows += source_rows(adapter_set, data_file, batch_size, skip_invalid=skip_invalid)
         vocab.add(tokenizer_hash(adapter_set.tokenizer))
         del adapter_set
     for path in others:
         merged = open_source(path, base, trust_remote_code)
         vocab.add(tokenizer_hash(merged.tokenizer))
-        rows += source_rows(merged, data_file, batch_size)
+        rows += source_rows(merged, data_file, batch_size, skip_invalid=skip_invalid)
         del merged
     if len(vocab) > 1:
         raise AdapterError("the sources use different vocabularies; their NLLs are not comparable")
     if not adapters and others:
-        rows += _base_rows_for_merged(others[0], data_file, batch_size, base, trust_remote_code)
+        rows += _base_rows_for_merged(others[0], data_file, batch_size, base, trust_remote_code, skip_invalid)
     return rows
 
 
 def _base_rows_for_merged(merged_dir: Path, data_file, batch_size: int, base: str | None,
-                          trust_remote_code: bool = False) -> list[dict]:
+                          trust_remote_code: bool = False, skip_invalid: bool | None = None) -> list[dict]:
     """Without an adapter to disable, the base row loads the base the merged model records (4-bit, as trained)."""
     found = base_for_merged(merged_dir, base, trust_remote_code)
     if found is None:
         return []
     model, tokenizer, recipe = found
-    dataset = prepare(data_file, tokenizer, recipe, save=False).dataset
+    dataset = prepare(data_file, tokenizer, recipe, skip_invalid=skip_invalid, save=False).dataset
     stats = span_nll(model, dataset, tokenizer.pad_token_id, batch_size, recipe.objective.loss_chunk_size, desc="base")
     return [_row(BASE_LABEL, "base", recipe.model.name_or_path, None, stats)]
 

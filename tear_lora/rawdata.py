@@ -28,6 +28,7 @@ __all__ = ["EXCERPT_CHARS", "DATA_FIELD_ROLES", "DataError", "Reject", "Row", "T
 OPTIONAL_FIELDS = ("id", "meta")
 DATA_FIELD_ROLES = REQUIRED_FIELDS + OPTIONAL_FIELDS  # what a recipe's data.fields may map
 MAX_LISTED_ERRORS = 20
+NOTED_REJECTS = 5  # dropped rows named on stderr after the counts line (data.prepare / read_triples)
 MAX_EXTRA_NAMES = 50  # distinct ignored column names counted by name; more are only counted
 # One field of any reader (a JSONL/CSV field, a Parquet or saved-dataset cell): longer ones are rejected before
 # anything is done with them. prepare passes a tighter bound derived from data.max_seq_len (data.field_bound).
@@ -128,6 +129,20 @@ def rejection_error(path, listed: list[Reject], total: int) -> DataError:
         lines.append(f"{path}:{listed[MAX_LISTED_ERRORS].line}: ... and {total - MAX_LISTED_ERRORS} more invalid "
                      "row(s) from this line on")
     return DataError("\n".join(lines))
+
+
+def describe_counts(path, counts: dict, max_seq_len: int) -> list[str]:
+    """What reading a file kept and dropped (data.prepare's counts), as prepare, eval and analyze print it: one
+    counts line, then the first NOTED_REJECTS dropped rows as FILE:LINE: reason."""
+    lines = [f"{path}: {counts['rows_read']} rows read: {counts['rows_kept']} kept, {counts['rows_rejected_invalid']} "
+             f"invalid, {counts['rows_too_long']} too long (data.max_seq_len {max_seq_len}), {counts['rows_trimmed']} "
+             "trimmed"]
+    rejects = counts["rejects"]
+    lines += [f"{path}:{r['line']}: dropped: {r['reason']}" for r in rejects[:NOTED_REJECTS]]
+    if len(rejects) > NOTED_REJECTS:
+        lines.append(f"{path}:{rejects[NOTED_REJECTS]['line']}: ... and {len(rejects) - NOTED_REJECTS} more dropped "
+                     "row(s) from this line on")
+    return lines
 
 
 # ---- validating one row ------------------------------------------------------------------------------------------

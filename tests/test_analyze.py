@@ -168,7 +168,8 @@ def test_probe_finds_valence_only_where_the_response_carries_it(random_model_dir
     assert by_layer[0]["auroc"] == pytest.approx(0.5)  # the same tag embedding on every row: nothing to find
     assert probe["best_auroc"] >= 0.9 and probe["best_layer"] > 0
     assert probe["shuffled_auroc_at_best"] < probe["best_auroc"] - 0.2
-    assert _result(report)["matching"] == {"skipped": _result(report)["matching"]["skipped"]}  # no pairs here
+    matching = _result(report)["matching"]  # no pairs here: skipped, nothing dropped
+    assert set(matching) == {"skipped", "dropped"} and matching["dropped"] == {"incomplete": 0, "too_long": 0}
     # valence is spelled out in the words: the TF-IDF control reads it too, so nothing is beyond the words
     assert probe["lexical_auroc"] == 1.0 and not probe["grouped_by_pair"]
     low, high = probe["beyond_lexical_ci"]
@@ -240,3 +241,91 @@ def test_study_tables_group_seeds_and_arms():
                          "| plain | 1 | 0.500 | 0.700 | 0.600 | 0.100 | [0.400, 0.800] |",
                          "| witness-only | 1 | 0.900 | - | 0.900 | - | - |", "| base | - | - | - | 0.300 | - | - |",
                          "| words only | - | - | - | 0.200 | - | - |"]
+
+
+# ---- eval and analyze read a file alike: same rows kept, same counts printed, same refusal ----------------------
+
+LONG = 35  # words: a side this long fits max_seq_len 64 on its own, but not after a response as long
+
+
+@pytest.fixture(scope="module")
+def flawed_file(tmp_path_factory):
+    """9 lines: line 5 lacks its witness (invalid), line 7's witness cannot fit max_seq_len 64 (too long), which
+    leaves pair p2 one-sided; pair p3 fits side by side, but each witness after the other response is too long."""
+    def triple(pair, valence, response, witness, domain="words"):
+        return {"id": f"{pair}-{valence}", "input": PROMPT, "response": response, "witness": witness,
+                "meta": {"domain": domain, "valence": valence, "pair": pair}}
+
+    rows = [triple("p0", "helpful", WORDS[0], WORDS[0]), triple("p0", "harmful", WORDS[1], WORDS[1]),
+            triple("p1", "helpful", WORDS[2], WORDS[2]), triple("p1", "harmful", WORDS[3], WORDS[3]),
+            {"id": "bad", "input": PROMPT, "response": WORDS[4]},
+            triple("p2", "helpful", WORDS[4], WORDS[4]), triple("p2", "harmful", WORDS[5], WORDS[5] * 80),
+            triple("p3", "helpful", WORDS[6], WORDS[6] * LONG, "long"),
+            triple("p3", "harmful", WORDS[7] * LONG, WORDS[7], "long")]
+    return _write(tmp_path_factory.mktemp("flawed") / "flawed.jsonl", rows)
+
+
+def _with_recipe(model_dir, out, **data):
+    """The model dir (linked, not copied) with a recipe.yaml setting `data`: eval and analyze read files by it."""
+    from tear_lora.recipe import recipe_from_dict
+
+    out.mkdir()
+    for item in model_dir.iterdir():
+        (out / item.name).symlink_to(item)
+    (out / "recipe.yaml").write_text(recipe_from_dict({"data": {"max_seq_len": 64, **data}}).to_yaml())
+    return out
+
+
+def _count_lines(err, path):
+    return [line for line in err.splitlines() if line.startswith(f"note: {path}")]
+
+
+def test_eval_and_analyze_keep_drop_and_count_the_same_rows(random_model_dir, flawed_file, tmp_path, capsys):
+    model = _with_recipe(random_model_dir, tmp_path / "model", skip_invalid=True)
+    assert main(["eval", str(model), "--data", str(flawed_file), "--json"]) == 0
+    out, err = capsys.readouterr()
+    (row,) = json.loads(out)
+    eval_lines = _count_lines(err, flawed_file)
+    assert row["rows"] == 7
+    assert eval_lines == [
+        f"note: {flawed_file}: 9 rows read: 7 kept, 1 invalid, 1 too long (data.max_seq_len 64), 0 trimmed",
+        f"note: {flawed_file}:5: dropped: field 'witness': must be a non-empty string (missing)",
+        f"note: {flawed_file}:7: dropped: {80 + 11} tokens > data.max_seq_len 64; trimming the input would leave 0 "
+        "of its 4 tokens (< data.min_input_tokens 8)"], err
+    assert main(["analyze", str(model), "--data", str(flawed_file), "--folds", "3", "--bootstrap", "50",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert _count_lines(err, flawed_file) == eval_lines  # read once, printed once, word for word
+    result = json.loads(out)["sources"][0]["data"][str(flawed_file)]
+    assert result["rows"] == {"rows_read": 9, "rows_kept": 7, "rows_rejected_invalid": 1, "rows_too_long": 1,
+                              "rows_trimmed": 0, "max_seq_len": 64}
+    # p0 and p1 measured; p2 lost its harmful side at reading; p3's witnesses cannot follow each other's response
+    assert result["matching"]["pairs"] == 2 and result["matching"]["dropped"] == {"incomplete": 1, "too_long": 1}
+    # p3's helpful witness after p3's long harmful response (its only partner in domain "long") is too long
+    assert result["sensitivity"]["rows"] == 6
+    assert result["sensitivity"]["dropped"] == {"no_partner": 0, "too_long": 1}
+    assert result["probe"]["rows"] == 7
+    assert main(["analyze", str(model), "--data", str(flawed_file), "--folds", "3", "--bootstrap", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "9 rows read: 7 kept, 1 invalid, 1 too long (data.max_seq_len 64), 0 trimmed" in text
+    assert "2 pairs (chance 0.25; dropped: 1 incomplete, 1 too long)" in text
+    assert "sensitivity on 6 rows, nats per witness token; dropped: 1 too long" in text
+
+
+def test_eval_and_analyze_refuse_an_invalid_row_alike(random_model_dir, flawed_file, tmp_path, capsys):
+    model = _with_recipe(random_model_dir, tmp_path / "model", skip_invalid=False)
+    errors = []
+    for argv in (["eval", str(model), "--data", str(flawed_file)],
+                 ["analyze", str(model), "--data", str(flawed_file)]):
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and "Traceback" not in err
+        error = err[err.index("error: "):].splitlines()
+        assert error[0].startswith(f"error: {flawed_file}:5: 1 invalid row(s); fix them"), error
+        assert error[1:] == [f"{flawed_file}:5: field 'witness': must be a non-empty string (missing)"], error
+        errors.append(error)
+        # the message's --skip-invalid exists on both verbs and overrides the source's data.skip_invalid
+        assert main([*argv, "--skip-invalid", *(["--folds", "3", "--bootstrap", "50"] * (argv[0] == "analyze"))]) == 0
+        assert _count_lines(capsys.readouterr().err, flawed_file)[0] == (
+            f"note: {flawed_file}: 9 rows read: 7 kept, 1 invalid, 1 too long (data.max_seq_len 64), 0 trimmed")
+    assert errors[0] == errors[1]
