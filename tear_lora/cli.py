@@ -218,7 +218,7 @@ def cmd_compare(args) -> int:
     from .compare import compare, format_report
 
     report = compare(args.adapters, args.data, args.prompts, args.plot, args.base, args.max_new_tokens, args.batch_size,
-                     args.trust_remote_code)
+                     args.trust_remote_code, args.skip_invalid or None)
     _emit(report, args.json, lambda: format_report(report, args.max_new_tokens))
     return 0
 
@@ -245,7 +245,7 @@ def _verify_args(p: argparse.ArgumentParser, compared: str, default_data: str) -
 
 
 def _skip_invalid_arg(p: argparse.ArgumentParser) -> None:
-    """eval and analyze read --data as training does (the source's recipe: data.skip_invalid); this overrides it."""
+    """eval, compare and analyze read --data as training does (the source's recipe: data.skip_invalid); this overrides it."""
     p.add_argument("--skip-invalid", action="store_true", help="skip bad rows of --data, counting them and naming "
                    "the first few on stderr (default: the source's data.skip_invalid)")
 
@@ -397,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="inputs to generate for: .jsonl ({\"input\": ...}) or .txt (one per line)")
     p.add_argument("--plot", help="write a PNG of response and witness NLL against lambda")
     p.add_argument("--batch-size", type=int, default=8)
+    _skip_invalid_arg(p)
     _release_args(p, gen=True)
     p.set_defaults(func=cmd_compare)
 

@@ -104,12 +104,13 @@ def plot_nll(rows: list[dict], out: str | Path) -> Path:
 
 def compare(adapter_dirs: list[str | Path], data_file: str | Path, prompts_file: str | Path | None = None,
             plot: str | Path | None = None, base: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-            batch_size: int = 8, trust_remote_code: bool = False) -> dict:
-    """Eval rows sorted by λ (base last), generations per prompt per adapter, timing, and the plot's path."""
+            batch_size: int = 8, trust_remote_code: bool = False, skip_invalid: bool | None = None) -> dict:
+    """Eval rows sorted by λ (base last), generations per prompt per adapter, timing, and the plot's path.
+    `skip_invalid` None: the adapters' recipe's data.skip_invalid, as eval."""
     adapters = AdapterSet(adapter_dirs[0], base, trust_remote_code)
     for path in adapter_dirs[1:]:
         adapters.add(path)
-    rows = sorted(source_rows(adapters, data_file, batch_size), key=_by_lambda)
+    rows = sorted(source_rows(adapters, data_file, batch_size, skip_invalid=skip_invalid), key=_by_lambda)
     generations = []
     sampling = Sampling(max_new_tokens=max_new_tokens)
     for prompt in read_prompts(prompts_file) if prompts_file else []:

@@ -80,6 +80,20 @@ def test_compare_json_table_generations_and_plot(pair, tmp_path, capsys):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
 
 
+def test_compare_skip_invalid_overrides_the_recipe_as_its_refusal_says(pair, tmp_path, capsys):
+    lines = pair["eval"].read_text().splitlines()
+    flawed = tmp_path / "flawed.jsonl"
+    flawed.write_text("\n".join([lines[0], '{"input": "no witness", "response": "x"}', *lines[1:]]) + "\n")
+    argv = ["compare", str(pair["a"]), str(pair["b"]), "--data", str(flawed), "--json"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flawed}:2:" in err and "--skip-invalid" in err and "Traceback" not in err
+    assert main([*argv, "--skip-invalid"]) == 0
+    captured = capsys.readouterr()
+    assert all(row["rows"] == 6 for row in json.loads(captured.out)["rows"])  # the invalid row skipped, counted
+    assert f"{flawed}: 7 rows read: 6 kept, 1 invalid" in captured.err
+
+
 def test_generate_with_and_without_response(pair, adapters, capsys):
     from tear_lora.generate import Sampling, format_generated, generate_triple
     from tear_lora.template import encode, segments
