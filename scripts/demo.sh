@@ -24,7 +24,7 @@ tear-lora train recipes/demo-cpu.yaml --set output.overwrite=true
 
 echo "== 3/6 held-out NLL: base (adapter disabled) vs adapter"
 tear-lora eval "$RUN" --data "$EVAL" --json > "$RUN/eval.json"
-python -c "import json,sys; from tear_lora.evaluate import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$RUN/eval.json"
+python -c "import json,sys; from tear_lora.study.evaluate import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$RUN/eval.json"
 
 echo "== 4/6 merge into the dequantized base, verify against 4-bit base + adapter"
 # DEMO_GGUF=f16 (or f16,q8_0) also writes llama.cpp / Ollama GGUFs and verifies them; off by default: it adds

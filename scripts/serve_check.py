@@ -94,13 +94,13 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from tear_lora import template
     from tear_lora.adapters import adapter_recipe
-    from tear_lora.export import generation_config, load_merge_base, merge_into
-    from tear_lora.llama_server import LlamaServer, find_llama_server, lora_field, server_command
-    from tear_lora.model import load_tokenizer_for
-    from tear_lora.serving import bundle, not_a_bundle
-    from tear_lora.tokens import RESPONSE_CLOSE
+    from tear_lora.data import template
+    from tear_lora.data.tokens import RESPONSE_CLOSE
+    from tear_lora.release.bundle import bundle, not_a_bundle
+    from tear_lora.release.llama_server import LlamaServer, find_llama_server, lora_field, server_command
+    from tear_lora.release.merge import generation_config, load_merge_base, merge_into
+    from tear_lora.train.model import load_tokenizer_for
 
     adapters = [Path(a) for a in args.adapters] or train_demo(args.train_demo)
     result: dict = {"adapters": [str(a) for a in adapters]}
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
 
 def server_chat(url: str, manifest: dict, name: str, text: str, n: int) -> str:
     """The OpenAI-style chat endpoint with the GGUF's chat template (llama-server --jinja)."""
-    from tear_lora.llama_server import lora_field, post
+    from tear_lora.release.llama_server import lora_field, post
 
     reply = post(f"{url}/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "temperature": 0,
                                                 "max_tokens": n, "lora": lora_field(manifest, name)})

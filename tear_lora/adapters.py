@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .metadata import (
+from tear_lora.metadata import (
     METADATA_FILE,
     AdapterError,
     base_identity,
@@ -18,7 +18,7 @@ from .metadata import (
     read_metadata,
     same_base,
 )
-from .rundir import incomplete_reason
+from tear_lora.rundir import incomplete_reason
 
 # ---- loading adapters onto one base ----------------------------------------------------------------------------
 
@@ -29,7 +29,7 @@ def adapter_recipe(adapter_dir: str | Path, base: str | None = None, trust_remot
     `trust_remote_code` is the caller's (the --trust-remote-code flag), never the adapter's recipe.yaml: a
     shared adapter must not be able to make us run Python shipped with whatever base it names.
     """
-    from .recipe import load_recipe
+    from tear_lora.recipe import load_recipe
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists() or not (adapter_dir / METADATA_FILE).exists():
@@ -47,7 +47,7 @@ def given_base(recipe) -> dict[str, Any]:
     """The identity of the base a recipe points at (for a local dir this reads every weight file once)."""
     from transformers import AutoConfig
 
-    from .model import ModelLoadError
+    from tear_lora.train.model import ModelLoadError
 
     cfg = recipe.model
     try:
@@ -63,7 +63,7 @@ def check_base(adapter_dir: str | Path, recipe, tokenizer, given: dict[str, Any]
     LoRA deltas and token rows are only meaningful on the exact weights they were trained against; on another
     base they load without error and silently produce a different model. Returns the adapter's metadata.
     """
-    from .tokens import tokenizer_hash
+    from tear_lora.data.tokens import tokenizer_hash
 
     metadata = read_metadata(adapter_dir)
     cfg = recipe.model
@@ -100,7 +100,7 @@ class AdapterSet:
     def __init__(self, first_adapter: str | Path, base: str | None = None, trust_remote_code: bool = False):
         import time
 
-        from .model import load_base, load_tokenizer_for
+        from tear_lora.train.model import load_base, load_tokenizer_for
 
         self.recipe = adapter_recipe(first_adapter, base, trust_remote_code)
         self.tokenizer = load_tokenizer_for(self.recipe)
@@ -162,8 +162,8 @@ class MergedModel:
     def __init__(self, path: str | Path, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
-        from .model import ModelLoadError, device_map, guard_bnb_cpu
-        from .recipe import load_recipe, recipe_from_dict
+        from tear_lora.recipe import load_recipe, recipe_from_dict
+        from tear_lora.train.model import ModelLoadError, device_map, guard_bnb_cpu
 
         path = Path(path)
         meta = {}
@@ -189,7 +189,7 @@ class MergedModel:
         """The saved tokenizer, which must hold the six tags as single tokens."""
         from transformers import AutoTokenizer
 
-        from .tokens import structural_token_ids
+        from tear_lora.data.tokens import structural_token_ids
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         try:

@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError
-from .generate import DEFAULT_MAX_NEW_TOKENS
-from .metadata import AdapterError
-from .model import ModelLoadError
-from .recipe import RecipeError, load_recipe
-from .rundir import RunDirError, json_safe
+from tear_lora.data.prepare import DataError
+from tear_lora.metadata import AdapterError
+from tear_lora.recipe import RecipeError, load_recipe
+from tear_lora.rundir import RunDirError, json_safe
+from tear_lora.study.generate import DEFAULT_MAX_NEW_TOKENS
+from tear_lora.train.model import ModelLoadError
 
 USER_ERRORS = (RecipeError, DataError, ModelLoadError, AdapterError, RunDirError)
 
@@ -35,7 +35,7 @@ def _recipe_args(parser: argparse.ArgumentParser, positional: bool = True) -> No
 
 def cmd_recipe_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    from .train import check_training_args
+    from tear_lora.train.runner import check_training_args
 
     for note in check_training_args(recipe):
         print(f"note: {note}")
@@ -49,8 +49,8 @@ def cmd_recipe_show(args) -> int:
 
 
 def cmd_data_prepare(args) -> int:
-    from .data import prepare
-    from .model import load_tokenizer_for
+    from tear_lora.data.prepare import prepare
+    from tear_lora.train.model import load_tokenizer_for
 
     recipe = load_recipe(args.recipe, args.overrides)
     # pack as training will (data.packing packs the training file only), so `train` finds this very cache
@@ -70,8 +70,8 @@ def cmd_data_prepare(args) -> int:
 def _training(job, rerun: str = "") -> int:
     """Run a job that trains: exit 0 trained, 4 training fault (NaN/Inf, disk full), 143/130 stopped by
     SIGTERM/SIGINT, each as one line (the newest good checkpoint named), never a traceback."""
-    from .distributed import teardown
-    from .train import Interrupted, TrainingFault
+    from tear_lora.train.distributed import teardown
+    from tear_lora.train.runner import Interrupted, TrainingFault
 
     try:
         job()
@@ -84,14 +84,14 @@ def _training(job, rerun: str = "") -> int:
 
 
 def cmd_train(args) -> int:
-    from .train import run
+    from tear_lora.train.runner import run
 
     recipe = load_recipe(args.recipe, args.overrides)
     return _training(lambda: run(recipe, resume=True if args.resume == "latest" else args.resume, force=args.force))
 
 
 def cmd_plan(args) -> int:
-    from .plan import format_plan, plan
+    from tear_lora.train.plan import format_plan, plan
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = plan(recipe, nproc=args.nproc)
@@ -113,8 +113,8 @@ def _read_json(path: str, flag: str):
 
 def cmd_merge(args) -> int:
     """Exit 0 merged (and verified), 2 user error, 3 verify beyond tolerance (the merge or any GGUF)."""
-    from .export import all_passed, merge
-    from .gguf_verify import describe
+    from tear_lora.release.gguf_verify import describe
+    from tear_lora.release.merge import all_passed, merge
 
     out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base, args.trust_remote_code,
                 verify_rows=args.rows if args.verify else None, verify_data=args.data, gguf=args.gguf,
@@ -137,7 +137,7 @@ def cmd_merge(args) -> int:
 
 def cmd_bundle(args) -> int:
     """Exit 0 written (and verified), 2 user error, 3 verify beyond tolerance (an adapter or a GGUF)."""
-    from .serving import bundle
+    from tear_lora.release.bundle import bundle
 
     out = bundle(args.adapters, args.out, gguf=args.gguf, dtype=args.dtype, base=args.base,
                  trust_remote_code=args.trust_remote_code, verify_rows=args.rows if args.verify else None,
@@ -158,21 +158,21 @@ def cmd_bundle(args) -> int:
               f"{'within' if check['passed'] else 'BEYOND'} tolerance"
               + (f"; LoRA GGUF max |Δ| {gguf['max_abs']:.3g}: {'passed' if gguf['passed'] else 'FAILED'}" if gguf else ""))
     if r.get("base_gguf"):
-        from .gguf_verify import describe
+        from tear_lora.release.gguf_verify import describe
 
         print(f"verify base GGUF {describe(r['base_gguf'])}")
     return 0 if r["passed"] else 3
 
 
 def cmd_serve(args) -> int:
-    from .llama_server import serve
-    from .serving import read_bundle
+    from tear_lora.release.bundle import read_bundle
+    from tear_lora.release.llama_server import serve
 
     return serve(args.bundle, read_bundle(args.bundle), args.host, args.port)
 
 
 def _gguf_outtypes(value: str) -> list[str]:
-    from .gguf_export import parse_outtypes
+    from tear_lora.release.gguf import parse_outtypes
 
     try:
         return parse_outtypes(value)
@@ -183,7 +183,7 @@ def _gguf_outtypes(value: str) -> list[str]:
 def _sampling_value(field: str, cast):
     """An argparse type that checks one Sampling field with Sampling's own rule (exit 2 before any model loads)."""
     def parse(text: str):
-        from .generate import Sampling
+        from tear_lora.study.generate import Sampling
 
         try:
             value = cast(text)
@@ -195,8 +195,8 @@ def _sampling_value(field: str, cast):
 
 
 def cmd_generate(args) -> int:
-    from .adapters import open_source
-    from .generate import Sampling, format_generated, generate_triple
+    from tear_lora.adapters import open_source
+    from tear_lora.study.generate import Sampling, format_generated, generate_triple
 
     source = open_source(args.source, args.base, args.trust_remote_code)
     out = generate_triple(source.model, source.tokenizer, args.input, args.response,
@@ -206,7 +206,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate, format_table
+    from tear_lora.study.evaluate import evaluate, format_table
 
     rows = evaluate(args.sources, args.data, args.base, args.batch_size, args.trust_remote_code,
                     args.skip_invalid or None)
@@ -215,7 +215,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare, format_report
+    from tear_lora.study.compare import compare, format_report
 
     report = compare(args.adapters, args.data, args.prompts, args.plot, args.base, args.max_new_tokens, args.batch_size,
                      args.trust_remote_code, args.skip_invalid or None)
@@ -224,7 +224,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .compare import format_report, parse_lambdas, sweep
+    from tear_lora.study.compare import format_report, parse_lambdas, sweep
 
     lambdas, report = parse_lambdas(args.lambdas), {}
 
@@ -263,8 +263,8 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
 
 
 def cmd_analyze(args) -> int:
-    from .analyze import Settings, analyze
-    from .analyze_report import format_analysis, plot_analysis
+    from tear_lora.study.analyze import Settings, analyze
+    from tear_lora.study.analyze_report import format_analysis, plot_analysis
 
     layers = [int(v) for v in args.layers.split(",")] if args.layers else None
     settings = Settings(folds=args.folds, seed=args.seed, bootstrap=args.bootstrap, layers=layers,
@@ -277,7 +277,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_split_domains(args) -> int:
-    from .splits import domain_split
+    from tear_lora.data.splits import domain_split
 
     summary = domain_split(args.files, args.hold_out.split(","), args.out, overwrite=args.overwrite)
     _emit(summary, args.json, lambda: "\n".join(
@@ -287,7 +287,7 @@ def cmd_split_domains(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import plot_training_curves, summary_table
+    from tear_lora.study.report import plot_training_curves, summary_table
 
     eval_rows = _read_json(args.eval_json, "--eval-json") if args.eval_json else None
     verify = _read_json(args.verify_json, "--verify-json") if args.verify_json else None

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .rundir import atomic_write_json, check_run_name
+from tear_lora.rundir import atomic_write_json, check_run_name
 
 METADATA_FILE = "tear_lora.json"
 # 2: adds "files" (sha256 + size of HASHED_FILES). 1 is still read: those adapters predate the hashes, and
@@ -129,7 +129,7 @@ def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, e
     it records their sha256, so it must come last."""
     from transformers import AutoConfig
 
-    from .tokens import structural_token_ids, tokenizer_hash
+    from tear_lora.data.tokens import structural_token_ids, tokenizer_hash
 
     run_dir = Path(run_dir)
     missing = [name for name in HASHED_FILES if not (run_dir / name).is_file()]

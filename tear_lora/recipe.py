@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from .rawdata import DATA_FIELD_ROLES
-from .recipe_yaml import RecipeError, Where, apply_override, build, read_yaml, suggest, yaml_quirks
-from .recipe_yaml import to_dict as plain_dict
-from .rundir import check_run_name, child_dir, unsafe_root_reason
+from tear_lora.data.rawdata import DATA_FIELD_ROLES
+from tear_lora.recipe_yaml import RecipeError, Where, apply_override, build, read_yaml, suggest, yaml_quirks
+from tear_lora.recipe_yaml import to_dict as plain_dict
+from tear_lora.rundir import check_run_name, child_dir, unsafe_root_reason
 
 
 def _choices(*values):

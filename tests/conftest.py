@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture()
 def tokenizer(tiny_model_dir):
     """A fresh tokenizer with the structural tokens (tests may mutate it)."""
-    from tear_lora.tokens import load_tokenizer
+    from tear_lora.data.tokens import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 
@@ -67,8 +67,8 @@ def trainable_state(model):
 @pytest.fixture(scope="module")
 def eval_rows(tmp_path_factory, tiny_model_dir):
     """The bundled eval triples, tokenized for the tiny model (not cached on disk)."""
-    from tear_lora.data import prepare
-    from tear_lora.tokens import load_tokenizer
+    from tear_lora.data.prepare import prepare
+    from tear_lora.data.tokens import load_tokenizer
 
     recipe = make_recipe(tiny_model_dir, tmp_path_factory.mktemp("rows"))
     return prepare(REPO / "data/raw/eval.jsonl", load_tokenizer(str(tiny_model_dir)), recipe, save=False).dataset
@@ -94,8 +94,8 @@ def trainable_model(recipe, tokenizer, seed: int = 0):
     """4-bit tiny base + LoRA + tag rows, initialised reproducibly."""
     import torch
 
-    from tear_lora.model import add_adapters, load_base
-    from tear_lora.tokens import structural_token_ids
+    from tear_lora.data.tokens import structural_token_ids
+    from tear_lora.train.model import add_adapters, load_base
 
     torch.manual_seed(seed)
     base = load_base(recipe, tokenizer)
@@ -103,9 +103,9 @@ def trainable_model(recipe, tokenizer, seed: int = 0):
 
 
 def make_trainer(model, recipe, tokenizer, train_dataset, output_dir, eval_dataset=None):
-    from tear_lora.batch import SpanCollator
-    from tear_lora.train import sft_config
-    from tear_lora.trainer import TearTrainer
+    from tear_lora.train.batch import SpanCollator
+    from tear_lora.train.runner import sft_config
+    from tear_lora.train.trainer import TearTrainer
 
     return TearTrainer(model=model, args=sft_config(recipe, output_dir=output_dir), train_dataset=train_dataset,
                        eval_dataset=eval_dataset, processing_class=tokenizer,

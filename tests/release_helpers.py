@@ -1,6 +1,6 @@
 """Two tiny adapters of different λ, trained once per test session and shared by the release tests.
 
-Trained through the sweep (`train_sweep` -> `tear_lora.train.run`), on 16 training and 6 eval rows, with a
+Trained through the sweep (`train_sweep` -> `tear_lora.train.runner.run`), on 16 training and 6 eval rows, with a
 learning rate high enough (0.05) that two steps move the adapters measurably apart.
 """
 
@@ -23,7 +23,7 @@ def trained_pair(tmp_path_factory, tiny_model_dir: Path) -> dict:
     """{"recipe": yaml path, "eval": eval file, "a": λ=0 adapter dir, "b": λ=2 adapter dir, "root": dir}."""
     key = str(tiny_model_dir)
     if key not in _CACHE:
-        from tear_lora.compare import sweep_recipes, train_sweep
+        from tear_lora.study.compare import sweep_recipes, train_sweep
 
         root = tmp_path_factory.mktemp("release")
         train = _head(REPO / "data/raw/consequences.jsonl", root / "train.jsonl", 16)

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from tear_lora.adapters import AdapterSet
 from tear_lora.cli import main
+from tear_lora.data.template import encode, segments
+from tear_lora.data.tokens import STRUCTURAL_TOKENS
 from tear_lora.metadata import AdapterError
-from tear_lora.template import encode, segments
-from tear_lora.tokens import STRUCTURAL_TOKENS
 
 from .release_helpers import trained_pair
 

@@ -7,7 +7,7 @@ import pytest
 
 from tear_lora.cli import main
 
-from .test_train import signal_after_first_step, tear_lora, write_recipe
+from .train.test_train import signal_after_first_step, tear_lora, write_recipe
 
 
 def bad_inputs(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import tear_lora.export as export
+import tear_lora.release.merge as export
 from tear_lora.adapters import adapter_recipe, open_source
 from tear_lora.cli import main
 from tear_lora.metadata import (
@@ -139,8 +139,8 @@ def test_format_1_without_hashes_is_read_with_a_truncation_check(adapter, capsys
 
 
 def test_metadata_is_strict_json_with_hashes_and_no_secret(adapter, pair, tiny_model_dir, tmp_path):
-    from tear_lora.data import prepare
-    from tear_lora.model import load_tokenizer_for
+    from tear_lora.data.prepare import prepare
+    from tear_lora.train.model import load_tokenizer_for
 
     recipe = make_recipe(tiny_model_dir, tmp_path)
     recipe.training["hub_token"] = SECRET  # recipes refuse credentials when loaded; the writer masks them anyway
@@ -326,7 +326,7 @@ def test_verify_keeps_a_complete_output_complete(merged, pair, tmp_path):
 
 
 def test_sweep_reuses_a_run_only_for_the_same_recipe(pair, tmp_path, capsys):
-    from tear_lora.compare import sweep_recipes, train_sweep
+    from tear_lora.study.compare import sweep_recipes, train_sweep
 
     here = [f"output.dir={tmp_path / 'adapters'}"]
     [recipe] = sweep_recipes(pair["recipe"], [0.0], here)

@@ -11,26 +11,69 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tear_lora"
 
+# The flow (docs/architecture.md): data <- train <- study / release <- cli. Root modules sit where what they
+# import puts them: rundir and recipe_yaml below everything; recipe and metadata read data's field and token
+# lists; adapters opens a trained model (train's loader) for study and release.
+LEVELS = {"rundir": 0, "recipe_yaml": 0, "tiny": 0, "data": 1, "recipe": 2, "metadata": 2, "train": 3,
+          "adapters": 4, "study": 5, "release": 5, "cli": 6, "__main__": 6, "__init__": 6}
 
-def internal_imports(path: Path) -> set[str]:
-    """Our modules that `path` imports anywhere (module level or inside functions)."""
+
+def module_names(package: Path) -> dict[str, Path]:
+    """Dotted names under the package ("data.prepare", "rundir", "train" for train/__init__.py)."""
+    names = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package).with_suffix("").parts
+        if parts[-1] == "__init__" and len(parts) > 1:
+            parts = parts[:-1]
+        names[".".join(parts)] = path
+    return names
+
+
+def internal_imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """Our modules (dotted) that `path`, known as `name`, imports anywhere (module level or inside functions)."""
+    here = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
+
+    def add(dotted: str, imported: list[str]) -> None:
+        for item in imported:  # `from pkg import module` names the module; `from module import x` the module
+            found.add(f"{dotted}.{item}" if f"{dotted}.{item}" in known else dotted)
+
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("tear_lora."):
-                found.add(node.module.split(".")[1])
+            if node.level:
+                base = here.split(".") if here else []
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                dotted = ".".join(base + ([node.module] if node.module else []))
+            elif node.module and node.module.startswith("tear_lora"):
+                dotted = node.module.removeprefix("tear_lora").removeprefix(".")
+            else:
+                continue
+            add(dotted, [a.name for a in node.names])
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("tear_lora."))
-    return found - {path.stem}
+            found.update(a.name.removeprefix("tear_lora.") for a in node.names if a.name.startswith("tear_lora."))
+    return {f for f in found if f in known} - {name}
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:
-    modules = {p.stem: p for p in package.glob("*.py")}
-    return {name: internal_imports(path) & set(modules) for name, path in modules.items()}
+    modules = module_names(package)
+    return {name: internal_imports(path, name, set(modules)) for name, path in modules.items()}
+
+
+def level(module: str) -> int:
+    top = module.split(".")[0] or "__init__"
+    assert top in LEVELS, f"{module}: give it a place in LEVELS (and in docs/architecture.md)"
+    return LEVELS[top]
+
+
+def arrows_up(graph: dict[str, set[str]]) -> list[str]:
+    """Imports against the flow: to a higher level, or across between study and release."""
+    bad = []
+    for module, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            wings = module.split(".")[0], other.split(".")[0]
+            if level(other) > level(module) or (level(other) == level(module) and wings[0] != wings[1]):
+                bad.append(f"{module} -> {other}")
+    return bad
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -69,10 +112,25 @@ def test_no_import_cycle_inside_the_package():
     assert find_cycle(import_graph(PACKAGE)) is None
 
 
+def test_arrows_up_sees_a_wing_importing_above_it(tmp_path):
+    for wing in ("data", "train", "study", "release"):
+        (tmp_path / wing).mkdir()
+        (tmp_path / wing / "__init__.py").write_text("")
+    (tmp_path / "data" / "a.py").write_text("def f():\n    from tear_lora.train.b import x\n")
+    (tmp_path / "train" / "b.py").write_text("from ..data import a\n")
+    (tmp_path / "study" / "c.py").write_text("from tear_lora.release import d\n")
+    (tmp_path / "release" / "d.py").write_text("from tear_lora.train import b\n")
+    assert arrows_up(import_graph(tmp_path)) == ["data.a -> train.b", "study.c -> release.d"]
+
+
+def test_imports_follow_the_flow():
+    assert arrows_up(import_graph(PACKAGE)) == []
+
+
 def test_read_only_verbs_do_not_import_trl_or_the_trainer():
-    code = ("import sys\nimport tear_lora.evaluate, tear_lora.analyze, tear_lora.generate, tear_lora.compare, "
-            "tear_lora.export, tear_lora.adapters, tear_lora.batch\n"
-            "print(sorted(m for m in sys.modules if m == 'trl' or m.startswith('trl.') or m == 'tear_lora.trainer'))")
+    code = ("import sys\nimport tear_lora.study.evaluate, tear_lora.study.analyze, tear_lora.study.generate, tear_lora.study.compare, "
+            "tear_lora.release.merge, tear_lora.adapters, tear_lora.train.batch\n"
+            "print(sorted(m for m in sys.modules if m == 'trl' or m.startswith('trl.') or m == 'tear_lora.train.trainer'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -84,11 +142,11 @@ LONGER_BECAUSE = "Longer than 350 lines because"
 def oversized_without_reason(package: Path) -> list[str]:
     """Modules over MAX_MODULE_LINES whose docstring does not say why they are one module anyway."""
     found = []
-    for path in sorted(package.glob("*.py")):
+    for path in sorted(package.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         lines = text.count("\n")
         if lines > MAX_MODULE_LINES and LONGER_BECAUSE not in (ast.get_docstring(ast.parse(text)) or ""):
-            found.append(f"{path.name}: {lines} lines")
+            found.append(f"{path.relative_to(package)}: {lines} lines")
     return found
 
 
@@ -102,3 +160,11 @@ def test_oversized_without_reason_sees_a_long_module(tmp_path):
 def test_every_module_is_small_or_says_why():
     assert oversized_without_reason(PACKAGE) == [], (
         f"split these along a seam, or say in the module docstring '{LONGER_BECAUSE} ...'")
+
+
+def test_public_train_entry_point_is_the_runner():
+    import tear_lora.train
+    from tear_lora.train import run
+    from tear_lora.train.runner import run as runner_run
+
+    assert run is runner_run is tear_lora.train.run

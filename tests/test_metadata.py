@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from tear_lora import metadata
-from tear_lora.model import load_tokenizer_for
+from tear_lora.data.tokens import structural_token_ids, tokenizer_hash
 from tear_lora.recipe import load_recipe
-from tear_lora.tokens import structural_token_ids, tokenizer_hash
+from tear_lora.train.model import load_tokenizer_for
 
 from .conftest import REPO
 from .release_helpers import trained_pair

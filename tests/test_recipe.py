@@ -153,7 +153,7 @@ def test_hardware_section_does_not_change_the_hash(tmp_path):
 
 
 def test_distributed_section_does_not_change_the_hash(tmp_path):
-    """FSDP sharding trains the same adapter (tests/test_distributed.py), so a sweep may reuse either run."""
+    """FSDP sharding trains the same adapter (tests/train/test_distributed.py), so a sweep may reuse either run."""
     path = write(tmp_path, "objective:\n  lambda: 1.0\n")
     plain, sharded = load_recipe(path), load_recipe(path, ["distributed.fsdp=true"])
     assert sharded.distributed.fsdp and not plain.distributed.fsdp

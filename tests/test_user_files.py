@@ -283,7 +283,7 @@ def test_check_replaceable_needs_our_marker_of_the_same_kind_and_overwrite(tmp_p
 
 def test_cards_name_the_base_without_the_users_path(pair, tiny_model_dir, tmp_path):
     from tear_lora.metadata import public_name
-    from tear_lora.model_card import write_model_card
+    from tear_lora.release.model_card import write_model_card
 
     assert public_name(str(tiny_model_dir)) == tiny_model_dir.name and public_name("Qwen/Qwen3-1.7B") == "Qwen/Qwen3-1.7B"
     card = (pair["a"] / "README.md").read_text()
@@ -300,7 +300,7 @@ def test_cards_name_the_base_without_the_users_path(pair, tiny_model_dir, tmp_pa
 
 def test_gguf_refuses_a_converter_that_would_run_the_models_code(tmp_path):
     conversion = pytest.importorskip("conversion")
-    from tear_lora.gguf_export import GGUFError, check_remote_code, remote_code_method
+    from tear_lora.release.gguf import GGUFError, check_remote_code, remote_code_method
 
     qwen3 = conversion.get_model_class("Qwen3ForCausalLM", mmproj=False)
     assert remote_code_method(qwen3)  # its converter can reach a trust_remote_code=True tokenizer load

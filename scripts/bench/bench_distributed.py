@@ -92,13 +92,13 @@ def run_mode(mode: str, args, model_dir: Path, state) -> dict:
     import torch
     from datasets import Dataset
 
-    from tear_lora.batch import SpanCollator
-    from tear_lora.distributed import shard_fsdp
-    from tear_lora.model import add_adapters, load_base, load_tokenizer_for
-    from tear_lora.plan import plan
-    from tear_lora.tokens import structural_token_ids
-    from tear_lora.train import sft_config
-    from tear_lora.trainer import TearTrainer
+    from tear_lora.data.tokens import structural_token_ids
+    from tear_lora.train.batch import SpanCollator
+    from tear_lora.train.distributed import shard_fsdp
+    from tear_lora.train.model import add_adapters, load_base, load_tokenizer_for
+    from tear_lora.train.plan import plan
+    from tear_lora.train.runner import sft_config
+    from tear_lora.train.trainer import TearTrainer
 
     cuda = torch.cuda.is_available()
     recipe = bench_recipe(model_dir, args, args.micro_batch, cuda)
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from tear_lora.distributed import teardown
+    from tear_lora.train.distributed import teardown
 
     state = PartialState(cpu=not __import__("torch").cuda.is_available())
     with state.main_process_first():  # one rank writes the random model, the others reuse it

@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from tear_lora.model import add_adapters, load_base, load_tokenizer_for
-    from tear_lora.plan import Shape, _sizes, layer_bytes_per_token
-    from tear_lora.tokens import structural_token_ids
+    from tear_lora.data.tokens import structural_token_ids
+    from tear_lora.train.model import add_adapters, load_base, load_tokenizer_for
+    from tear_lora.train.plan import Shape, _sizes, layer_bytes_per_token
 
     if args.cuda_like and args.device == "cpu":
         emulate_cuda_saved_tensors()

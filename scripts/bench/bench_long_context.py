@@ -44,7 +44,7 @@ def measured_bytes(row: dict) -> int | None:
 
 def full_plan(shape: str, seq: int, args) -> dict:
     """The plan for all the shape's layers at this seq, micro-batch 1 (the bench's recipe overrides)."""
-    from tear_lora.plan import plan
+    from tear_lora.train.plan import plan
 
     args = argparse.Namespace(**{**vars(args), "seq": seq})
     recipe = bench_recipe(Path("unused"), args, 1, args.device == "cuda")
@@ -72,7 +72,7 @@ def describe(row: dict) -> str:
 
 def layer_plan(shape: str, layers: int, seq: int, args) -> dict:
     """The plan for `layers` layers at this seq, micro-batch 1: what the worker records beside its measurement."""
-    from tear_lora.plan import plan
+    from tear_lora.train.plan import plan
 
     args = argparse.Namespace(**{**vars(args), "seq": seq})
     p = plan(bench_recipe(Path("unused"), args, 1, args.device == "cuda"), config=shape_config(shape, layers).to_dict())

@@ -54,7 +54,7 @@ def setup(tokens: int, dtype_name: str, device: str, vocab: int = VOCAB, hidden:
     import torch
     from peft.utils.other import TrainableTokensWrapper
 
-    from tear_lora.template import CONTEXT, RESPONSE, WITNESS
+    from tear_lora.data.template import CONTEXT, RESPONSE, WITNESS
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(seed)
@@ -73,8 +73,8 @@ def step(impl: str, head, hidden, input_ids, roles, chunk: int) -> float:
     """One forward + backward; returns the loss value."""
     import torch
 
-    from tear_lora import loss as L
-    from tear_lora.template import RESPONSE
+    from tear_lora.data.template import RESPONSE
+    from tear_lora.train import loss as L
 
     hidden.grad = None
     if impl == "naive":

@@ -64,15 +64,15 @@ def main(argv=None) -> int:
     import torch
     from transformers.trainer_utils import set_seed
 
-    from tear_lora.batch import SpanCollator
-    from tear_lora.data import prepare
-    from tear_lora.model import add_adapters, load_base, load_tokenizer_for
-    from tear_lora.packing import pack_triples
+    from tear_lora.data.packing import pack_triples
+    from tear_lora.data.prepare import prepare
+    from tear_lora.data.tokens import structural_token_ids
     from tear_lora.recipe import load_recipe
     from tear_lora.rundir import atomic_write_json
-    from tear_lora.tokens import structural_token_ids
-    from tear_lora.train import sft_config
-    from tear_lora.trainer import TearTrainer
+    from tear_lora.train.batch import SpanCollator
+    from tear_lora.train.model import add_adapters, load_base, load_tokenizer_for
+    from tear_lora.train.runner import sft_config
+    from tear_lora.train.trainer import TearTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -6,7 +6,7 @@
 
 There is no model hub on a benchmark machine, so random weights in the recipe model's exact shape stand in for it
 (bench_train.build_model_dir: Qwen3-1.7B-Base's config, saved as bf16 and loaded in 4-bit NF4 by the recipe's own
-path). Everything else is `tear_lora.train.run(recipe)` unchanged: the recipe's data (data/raw/consequences.jsonl,
+path). Everything else is `tear_lora.train.runner.run(recipe)` unchanged: the recipe's data (data/raw/consequences.jsonl,
 tokenized and cached, packed with data.packing), micro-batch, gradient accumulation, optimizer, checkpointing. Only
 what a benchmark must not do is overridden: max_steps, no eval or checkpoint saves, outputs in a temp dir.
 
@@ -39,12 +39,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local: never wait o
 
 def instrumented_trainer(timer: StepTimer, batches: list, cuda: bool):
     """TearTrainer with the step timer, the peak counters reset at train begin, and a collator that counts real
-    tokens per batch: put in place of tear_lora.train.TearTrainer so `run` builds it as it would its own."""
+    tokens per batch: put in place of tear_lora.train.runner.TearTrainer so `run` builds it as it would its own."""
     import torch
     from transformers import TrainerCallback
 
-    from tear_lora.template import PAD_ROLE
-    from tear_lora.trainer import TearTrainer
+    from tear_lora.data.template import PAD_ROLE
+    from tear_lora.train.trainer import TearTrainer
 
     class ResetPeak(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -70,9 +70,9 @@ def instrumented_trainer(timer: StepTimer, batches: list, cuda: bool):
 def run_mode(mode: str, model_dir: Path, args, work: Path) -> dict:
     import torch
 
-    import tear_lora.train as train_mod
-    from tear_lora.plan import plan
+    import tear_lora.train.runner as train_mod
     from tear_lora.recipe import load_recipe
+    from tear_lora.train.plan import plan
 
     cuda = args.device == "cuda"
     overrides = [f"model.name_or_path={model_dir}", "model.revision=",

@@ -82,7 +82,7 @@ def rows(n: int, seq: int, seed: int = 0) -> list[dict]:
     """Rows of exactly `seq` tokens in our template: half input, a quarter response, a quarter witness."""
     import random
 
-    from tear_lora.template import CONTEXT, RESPONSE, WITNESS
+    from tear_lora.data.template import CONTEXT, RESPONSE, WITNESS
     from tear_lora.tiny import QWEN3_FIRST_ADDED_ID
 
     tags = list(range(151_669, 151_675))  # where load_tokenizer puts the six structural tokens in Qwen3's vocab
@@ -200,7 +200,7 @@ def worker(args) -> dict:
     import trl  # noqa: F401
     from datasets import Dataset
 
-    import tear_lora.trainer  # noqa: F401
+    import tear_lora.train.trainer  # noqa: F401
 
     cuda = args.device == "cuda"
     if args.cuda_like and not cuda:
@@ -212,11 +212,11 @@ def worker(args) -> dict:
     timer = StepTimer(cuda)
     out_dir = tempfile.mkdtemp(prefix="bench_train_")
     if args.trainer == "tear":
-        from tear_lora.batch import SpanCollator
-        from tear_lora.model import add_adapters, load_base, load_tokenizer_for
-        from tear_lora.tokens import structural_token_ids
-        from tear_lora.train import sft_config
-        from tear_lora.trainer import TearTrainer
+        from tear_lora.data.tokens import structural_token_ids
+        from tear_lora.train.batch import SpanCollator
+        from tear_lora.train.model import add_adapters, load_base, load_tokenizer_for
+        from tear_lora.train.runner import sft_config
+        from tear_lora.train.trainer import TearTrainer
 
         tokenizer = load_tokenizer_for(recipe)
         assert list(structural_token_ids(tokenizer).values()) == list(range(151_669, 151_675))
@@ -231,10 +231,10 @@ def worker(args) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
-        from tear_lora.model import DTYPES, guard_bnb_cpu, quantization_config
+        from tear_lora.train.model import DTYPES, guard_bnb_cpu, quantization_config
 
         best = args.trainer == "stock-best"
-        from tear_lora.speed import LIGER_KERNELS, liger_installed
+        from tear_lora.train.speed import LIGER_KERNELS, liger_installed
 
         liger = best and cuda and liger_installed()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -295,7 +295,7 @@ def worker(args) -> dict:
     if args.trainer == "stock-best":
         row["liger"] = liger
     if args.trainer.startswith("tear"):
-        from tear_lora.plan import plan
+        from tear_lora.train.plan import plan
 
         config = json.loads((model_dir / "config.json").read_text())
         p = plan(recipe, config=config, source=str(model_dir))
@@ -327,7 +327,7 @@ def run_one(model_dir: Path, trainer: str, micro_batch: int, args) -> dict:
 def replan(rows: list[dict]) -> list[dict]:
     """Rows of an earlier run with each `tear` row's plan figures recomputed by the plan as it is now (`--replan`):
     the measurements stand, the estimate changed."""
-    from tear_lora.plan import plan
+    from tear_lora.train.plan import plan
 
     for row in rows:
         if not row.get("trainer", "").startswith("tear") or "error" in row:

@@ -41,12 +41,12 @@ mkdir -p "$OUT" adapters
 report() {  # $1 = analyze JSON, $2 = output prefix: the text tables and the markdown study tables
   python - "$1" <<'PY' | tee "$2.txt"
 import json, sys
-from tear_lora.analyze_report import format_analysis
+from tear_lora.study.analyze_report import format_analysis
 print(format_analysis(json.load(open(sys.argv[1]))))
 PY
   python - "$1" > "$2_tables.md" <<'PY'
 import json, sys
-from tear_lora.analyze_report import study_tables
+from tear_lora.study.analyze_report import study_tables
 print(study_tables(json.load(open(sys.argv[1]))))
 PY
 }

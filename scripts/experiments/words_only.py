@@ -1,6 +1,6 @@
 """The words-only classifier on triple files: can valence (helpful vs harmful) be read from the response text alone?
 
-TF-IDF of the response + logistic regression (tear_lora.lexical, the same control `tear-lora analyze` runs beside the
+TF-IDF of the response + logistic regression (tear_lora.study.lexical, the same control `tear-lora analyze` runs beside the
 hidden-state probe), 5 folds stratified and grouped by meta.pair, out-of-fold AUROC for fold seeds 0-4.
 Results: docs/experiments/lambda.md, "Round 2".
     python scripts/experiments/words_only.py data/raw/minimal_pairs.jsonl data/raw/contrast.jsonl
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from tear_lora.data import load_triples
-from tear_lora.lexical import probe_folds, text_probe_scores
+from tear_lora.data.prepare import load_triples
+from tear_lora.study.lexical import probe_folds, text_probe_scores
 
 for path in sys.argv[1:]:
     rows = [r.fields for r in load_triples(path)[0] if (r.fields.get("meta") or {}).get("valence") in

@@ -1,0 +1,166 @@
+"""`tear-lora bundle`: every λ adapter rewritten as plain LoRA on one untied serving base is the same model as its
+merge (weights to 1e-6, logits through --verify), with no trainable_tokens_delta left for an engine to reject;
+adapters that cannot share a base are refused with the reason, and --out follows the merge's replacement rule.
+The real llama-server check is tests/release/test_serving_server.py (slow)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tear_lora.cli import main
+from tear_lora.release.bundle import BUNDLE_FILE, not_a_bundle, untie, write_plain_lora
+
+from ..release_helpers import trained_pair
+
+TAG_IDS = list(range(151_669, 151_675))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_model_dir):
+    return trained_pair(tmp_path_factory, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def bundled(pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "served"
+    assert main(["bundle", str(pair["a"]), str(pair["b"]), "--out", str(out), "--dtype", "fp32", "--verify",
+                 "--rows", "3"]) == 0
+    return out
+
+
+def _peft_adapter(tmp_path, tied: bool, r: int, rslora: bool):
+    """A PEFT adapter with random LoRA and tag rows on the tiny model (tied or untied), its merged model and a
+    fresh copy of the base: the rewrite's input and the model it must reproduce."""
+    from peft import LoraConfig, get_peft_model
+
+    from tear_lora.tiny import tiny_qwen3
+
+    indices = TAG_IDS if tied else {"embed_tokens": TAG_IDS, "lm_head": TAG_IDS}
+    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
+                        trainable_token_indices=indices)
+    model = get_peft_model(tiny_qwen3(seed=1, tie_word_embeddings=tied), config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                param.normal_(std=0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", model.merge_and_unload(), tiny_qwen3(seed=1, tie_word_embeddings=tied)
+
+
+@pytest.mark.parametrize("tied,r,rslora", [(True, 8, False), (False, 4, True)], ids=["tied-r8", "untied-r4-rslora"])
+def test_rewrite_is_the_merged_model(tmp_path, tied, r, rslora):
+    """Merged back, serving base + plain LoRA equals the adapter's merge in every weight (1e-6): tag rows of both
+    matrices, every other row untouched, LoRA kept (r < 6 padded to 6 and rescaled, rsLoRA folded in)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter, merged, base = _peft_adapter(tmp_path, tied, r, rslora)
+    untie(base)
+    info = write_plain_lora(base, adapter, tmp_path / "plain", "base")
+    assert info["r"] == max(r, 6)
+    keys = load_file(tmp_path / "plain" / "adapter_model.safetensors").keys()
+    assert not [k for k in keys if "trainable_tokens" in k or "base_layer" in k]
+    assert {"base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.lm_head.lora_A.weight"} <= set(keys)
+    served = PeftModel.from_pretrained(base, tmp_path / "plain").merge_and_unload()
+    want, got = merged.state_dict(), served.state_dict()
+    assert want.keys() <= got.keys()
+    # relative to each matrix's largest entry (at least 1): fp32 rounding of E + Δ against R, of B·A twice
+    worst = max(float((want[k].float() - got[k].float()).abs().max() / want[k].abs().max().clamp(min=1)) for k in want)
+    assert worst <= 1e-6, worst
+    assert got["lm_head.weight"].data_ptr() != got["model.embed_tokens.weight"].data_ptr()
+
+
+def test_bundle_layout_and_manifest(bundled, pair):
+    manifest = json.loads((bundled / BUNDLE_FILE).read_text())
+    assert manifest["kind"] == "tear_lora-bundle" and manifest["base"] == "base" and manifest["base_gguf"] is None
+    assert [e["lambda"] for e in manifest["adapters"]] == [0.0, 2.0]
+    for entry, source in zip(manifest["adapters"], (pair["a"], pair["b"])):
+        assert entry["tear_lora"] == json.loads((source / "tear_lora.json").read_text())
+        config = json.loads((bundled / entry["peft_dir"] / "adapter_config.json").read_text())
+        assert config["trainable_token_indices"] is None and {"lm_head", "model.embed_tokens"} <= set(config["target_modules"])
+    base_config = json.loads((bundled / "base" / "config.json").read_text())
+    assert base_config["tie_word_embeddings"] is False
+    stops = json.loads((bundled / "base" / "generation_config.json").read_text())["eos_token_id"]
+    assert {151_672, 151_674} <= set(stops)  # <|/response|>, <|/witness|>
+    card = (bundled / "README.md").read_text()
+    assert "--enable-lora" in card and "pair-lambda2" in card and not_a_bundle(bundled) is None
+
+
+def test_verify_figures(bundled):
+    """fp32: each adapter's serving base + plain LoRA agrees with its merged model to float rounding."""
+    r = json.loads((bundled / "verify.json").read_text())
+    assert r["passed"] and r["rows"] == 3 and set(r["adapters"]) == {"pair-lambda0", "pair-lambda2"}
+    for check in r["adapters"].values():
+        assert check["mean_kl"] < 1e-9 and check["top1_agreement"] == 1.0 and check["positions"] > 100
+
+
+def _altered(adapter, tmp_path, **changes):
+    """A copy of `adapter` whose tear_lora.json records something else (the weights stay, as does their hash)."""
+    copy = tmp_path / f"{adapter.name}-altered"
+    shutil.copytree(adapter, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    meta = json.loads((copy / "tear_lora.json").read_text())
+    for key, value in changes.items():
+        meta[key] = {**meta[key], **value} if isinstance(value, dict) else value
+    (copy / "tear_lora.json").write_text(json.dumps(meta))
+    return copy
+
+
+@pytest.mark.parametrize("changes,reason", [
+    ({"base": {"content_sha256": "0" * 64}}, "different weights"),
+    ({"structural_tokens": {"<|input|>": 5}}, "tag ids"),
+    ({"quantization": {"double_quant": False}}, "quantized as"),
+], ids=["mixed-bases", "tag-ids", "nf4-settings"])
+def test_refused_with_the_reason(pair, tmp_path, capsys, changes, reason):
+    out = tmp_path / "out"
+    assert main(["bundle", str(pair["a"]), str(_altered(pair["b"], tmp_path, **changes)), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and "Traceback" not in err and not out.exists()
+
+
+def test_dora_refused(pair, tmp_path, capsys):
+    copy = _altered(pair["b"], tmp_path)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config["use_dora"] = True
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    meta = json.loads((copy / "tear_lora.json").read_text())  # keep the recorded hash honest: only DoRA differs
+    from tear_lora.metadata import file_record
+
+    meta["files"]["adapter_config.json"] = file_record(copy / "adapter_config.json")
+    (copy / "tear_lora.json").write_text(json.dumps(meta))
+    assert main(["bundle", str(copy), "--out", str(tmp_path / "out")]) == 2
+    assert "DoRA" in capsys.readouterr().err
+
+
+def test_foreign_out_dir_untouched(pair, tmp_path, capsys):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["bundle", str(pair["a"]), "--out", str(out)]) == 2
+    assert "not a complete tear-lora bundle" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+
+
+def test_a_bundle_with_an_extra_file_is_not_ours(bundled, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bundled, copy)
+    assert not_a_bundle(copy) is None
+    (copy / "adapters" / "mine.txt").write_text("x")
+    assert "did not write" in not_a_bundle(copy)
+
+
+def test_gguf_without_the_lora_converter_names_the_script(pair, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEAR_LORA_LLAMA_DIR", str(tmp_path / "nothing"))
+    assert main(["bundle", str(pair["a"]), "--out", str(tmp_path / "out"), "--gguf", "f16"]) == 2
+    assert "scripts/build_llama_server.sh" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_serve_without_llama_server_names_the_script(bundled, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TEAR_LORA_LLAMA_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("TEAR_LORA_LLAMA_SERVER", raising=False)
+    assert main(["serve", str(bundled)]) == 2
+    err = capsys.readouterr().err
+    assert "scripts/build_llama_server.sh" in err and err.count("\n") == 1
