@@ -32,14 +32,15 @@ from pathlib import Path
 
 import yaml
 
-from tear_lora.lexical import words
 from tear_lora.rundir import atomic_write_json, atomic_write_text
+from tear_lora.study.lexical import words
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = REPO / "data/quad_families.yaml"
 EVAL, TRAIN, MANIFEST = (REPO / "data/raw" / n for n in ("quad_eval.jsonl", "quad_train.jsonl", "quad_manifest.json"))
 EVAL_QUADS = 8  # per family: from the first phrasing (training families) or spread over all (held-out ones)
 TRAIN_QUADS = 8  # per further phrasing of a training family
+RESTARTS = 50  # shuffles tried per phrasing when picking fills
 CELLS = ("AA", "AB", "BA", "BB")  # input kind, response kind
 NAMES = """Ana Ben Chloe Dario Elif Farid Greta Hugo Ines Jonas Kemal Lena Mateo Nadia Omar Priya Quinn Rosa Sami
 Tariq Ulla Vera Wen Yusuf Zoe Aiko Bruno Carmen Dmitri Esme Felix Hana Ivan Julia Kofi Lucia Marek Noor Oskar Paula
@@ -71,8 +72,10 @@ def edited(a: str, b: str) -> set[str]:
     return {w for w in ca.keys() | cb.keys() if ca[w] != cb[w]}
 
 
-def fills(family: dict, phrasing: dict, count: int, tokenizer, rng: random.Random, problems: list) -> list[dict]:
-    """`count` slot fills for one phrasing, chosen to use as many different pool entries as possible. A fill
+def fills(family: dict, phrasing: dict, count: int, tokenizer, rng: random.Random, problems: list,
+          strict: bool) -> list[dict]:
+    """`count` slot fills for one phrasing, chosen to use as many different pool entries as possible and, when
+    `strict` (evaluation), never to repeat an input-response pair. A fill
     qualifies when its two inputs, and its two responses, match in tokens and in words; no witness contains an
     edited word (so word overlap cannot tell own response from partner); and every input shares the same number
     of words with every response (so no response echoes a word of one input only)."""
@@ -98,13 +101,12 @@ def fills(family: dict, phrasing: dict, count: int, tokenizer, rng: random.Rando
             rejected["an input shares more words with one response"] += 1
         else:
             candidates.append(dict(xA=x[0], xB=x[1], rA=r[0], rB=r[1]))
-    rng.shuffle(candidates)
-    chosen, used = [], set()
-    while len(chosen) < count and candidates:
-        best = max(candidates, key=lambda c: len(set(c.values()) - used))
-        candidates.remove(best)
-        chosen.append(best)
-        used |= set(best.values())
+    chosen = []
+    for _ in range(RESTARTS):  # greedy picks from a few shuffles; the first that reaches `count` wins
+        rng.shuffle(candidates)
+        chosen = pick(candidates, count, strict)
+        if len(chosen) == count:
+            break
     if len(chosen) < count:
         problems.append(f"{family['family']}: phrasing {phrasing['input'][:40]!r}: only {len(chosen)} of {count} fills "
                         f"(length-equal input pairs {len(xs)}, response pairs {len(rs)}; rejected: "
@@ -112,9 +114,26 @@ def fills(family: dict, phrasing: dict, count: int, tokenizer, rng: random.Rando
     return chosen
 
 
-def quad_rows(family: dict, phrasing_index: int, fill: dict, quad: str, split: str, rng: random.Random) -> list:
+def pick(candidates: list[dict], count: int, strict: bool) -> list[dict]:
+    """Greedily the fill that brings the most unused pool entries, skipping (when strict) any fill whose
+    input-response pairs are already taken."""
+    left, chosen, used, cells_used = list(candidates), [], set(), set()
+    while len(chosen) < count and left:
+        best = max(left, key=lambda c: len(set(c.values()) - used))
+        left.remove(best)
+        cells = {(best["x" + i], best["r" + j]) for i in "AB" for j in "AB"}
+        if strict and cells & cells_used:  # eval: an input-response pair in two quadruples would repeat an item
+            continue
+        chosen.append(best)
+        used |= set(best.values())
+        cells_used |= cells
+    return chosen
+
+
+def quad_rows(family: dict, phrasing_index: int, fill: dict, quad: str, split: str, rng: random.Random,
+              name: str) -> list:
     """The four triples of one quadruple; variant numbers are assigned to kinds at random."""
-    phrasing, name = family["phrasings"][phrasing_index], rng.choice(NAMES)
+    phrasing = family["phrasings"][phrasing_index]
     x_order, r_order = rng.sample("AB", 2), rng.sample("AB", 2)  # x_order[0] is input variant 1
     rows = []
     for i, x_kind in enumerate(x_order, 1):
@@ -145,6 +164,9 @@ def check_family(family: dict) -> None:
     for k, phrasing in enumerate(family["phrasings"]):
         if set(phrasing["witness"]) != set(CELLS):
             fail(name, f"phrasing {k}: witness needs exactly the cells {CELLS}")
+        for cell, witness in phrasing["witness"].items():
+            if "{name}" not in witness:  # a quadruple's own name is what keeps repeated training cells distinct
+                fail(name, f"phrasing {k} witness {cell}: name the person ({{name}})")
 
 
 def build(families: list[dict], tokenizer) -> tuple[list, list, dict]:
@@ -152,6 +174,7 @@ def build(families: list[dict], tokenizer) -> tuple[list, list, dict]:
     for family in families:
         check_family(family)
         rng = random.Random(zlib.crc32(family["family"].encode()))
+        names = iter(rng.sample(NAMES, len(NAMES)))  # one per quadruple of the family: no triple repeats
         phrasings = range(len(family["phrasings"]))
         if family["held_out"]:
             per = EVAL_QUADS // len(phrasings)
@@ -160,11 +183,11 @@ def build(families: list[dict], tokenizer) -> tuple[list, list, dict]:
             plan = [(0, "eval", EVAL_QUADS)] + [(k, "train", TRAIN_QUADS) for k in phrasings if k > 0]
         counter = {"eval": 0, "train": 0}
         for k, split, count in plan:
-            for fill in fills(family, family["phrasings"][k], count, tokenizer, rng, problems):
+            for fill in fills(family, family["phrasings"][k], count, tokenizer, rng, problems, split == "eval"):
                 counter[split] += 1
                 quad = f"{'q' if split == 'eval' else 'qt'}-{family['family']}-{counter[split]:02d}"
                 (eval_rows if split == "eval" else train_rows).extend(
-                    quad_rows(family, k, fill, quad, split, rng))
+                    quad_rows(family, k, fill, quad, split, rng, next(names)))
     if problems:
         raise SystemExit(f"error: {FAMILIES}: too few fills (add pool entries that match in length):\n  "
                          + "\n  ".join(problems))
