@@ -126,11 +126,11 @@ def test_edits_are_same_length_substitutions(rows, split, tokenizer):
 
     bad = {}
     for quad_id, quad in quadruples(rows[split]).items():
-        inputs, responses = sides(quad)
-        for a, b in (inputs, responses):
-            if tokens(a) != tokens(b) or len(words(a)) != len(words(b)):
-                bad[quad_id] = (a, b)
-        shared = {len(set(words(i)) & set(words(o))) for i in inputs for o in responses}
+        for key in ("input", "response"):  # all four rows, so one row edited alone cannot hide
+            lengths = {(tokens(r[key]), len(words(r[key]))) for r in quad}
+            if len(lengths) != 1:
+                bad[quad_id] = f"{key} lengths (tokens, words) {sorted(lengths)}"
+        shared = {len(set(words(i["input"])) & set(words(o["response"]))) for i in quad for o in quad}
         if len(shared) != 1:
             bad[quad_id] = f"input-response shared words {sorted(shared)}"
     assert not bad, bad
@@ -143,12 +143,11 @@ def test_witnesses_contain_no_edited_word_and_overlap_delta_is_zero(rows, split)
     scorer = OverlapScorer([t for r in rows[split] for t in (r["response"], r["witness"])])
     leaks, deltas = {}, []
     for quad in quadruples(rows[split]).values():
-        inputs, responses = sides(quad)
-        changed = edited_words(*inputs) | edited_words(*responses)
+        changed = set().union(*(edited_words(a[key], b[key]) for a in quad for b in quad for key in ("input", "response")))
         for r in quad:
             if set(words(r["witness"])) & changed:
                 leaks[r["id"]] = sorted(set(words(r["witness"])) & changed)
-            partner = responses[2 - r["meta"]["response_variant"]]
+            partner = next(o["response"] for o in quad if o["input"] == r["input"] and o is not r)
             deltas.append(scorer.nll(r["witness"], partner)[0] - scorer.nll(r["witness"], r["response"])[0])
     assert not leaks, leaks
     assert len(deltas) == len(rows[split]) and not any(deltas), max(map(abs, deltas))
