@@ -101,3 +101,26 @@ class OverlapScorer:
     def nll_rows(self, triples: list[tuple[str, str]]) -> np.ndarray:
         """[n, 2] like Scorer.witness_nll: each (response, witness) pair's NLL sum and word count."""
         return np.array([self.nll(witness, response) for response, witness in triples], dtype=float).reshape(-1, 2)
+
+
+def crossed_word_scores(inputs: list[str] | None, responses: list[str], labels: np.ndarray, folds,
+                        pairs: bool = False, C: float = 1.0) -> np.ndarray:
+    """Words controls for crossed data (issue 29), out of fold: TF-IDF + logistic regression over the response's
+    words (`inputs` None), the input's and the response's words kept apart (`i:w`, `r:w`), or with `pairs` every
+    input-word × response-word pair (`i:w|r:v`), the features that would read a string match between an input
+    and its response. Fold by family: within a family the same pairs recur (docs/data.md)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    features = []
+    for k, response in enumerate(responses):
+        own = [f"r:{w}" for w in words(response)]
+        if inputs is not None:
+            source = words(inputs[k])
+            own += [f"i:{w}" for w in source]
+            if pairs:
+                own += [f"i:{a}|r:{b}" for a in set(source) for b in set(words(response))]
+        features.append(own)
+    return out_of_fold(lambda: make_pipeline(TfidfVectorizer(analyzer=list), LogisticRegression(C=C, max_iter=2000)),
+                       features, labels, folds)
