@@ -60,6 +60,12 @@ def test_bench_train_tiny_runs_both_trainers(tmp_path):
     assert {r["trainer"] for r in rows} == {"tear", "stock"}
     assert all("error" not in r and r["tokens_per_s"] > 0 and r["rss_peak_train_bytes"] > 0 for r in rows)
     assert rows[0]["plan_peak_allocated_bytes"] > 0
+    # train_loss is each trainer's objective: ours response + lambda * witness (two means), stock's one mean over the
+    # same tokens, so half ours at lambda 1 (the "halved loss" of round 3); the per-token NLL is what compares
+    tear, stock = (next(r for r in rows if r["trainer"] == name) for name in ("tear", "stock"))
+    assert tear["train_loss"] == pytest.approx(tear["response_loss"] + tear["lambda"] * tear["witness_loss"], rel=1e-3)
+    assert stock["train_loss"] == pytest.approx(tear["train_loss"] / 2, rel=0.01)
+    assert stock["token_nll"] == stock["train_loss"] and tear["token_nll"] == pytest.approx(stock["token_nll"], rel=0.01)
 
 
 def test_gpu_suite_smoke_runs_every_stage_end_to_end(tmp_path):

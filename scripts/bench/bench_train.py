@@ -21,7 +21,9 @@ Memory, CUDA: max_memory_allocated / max_memory_reserved over training (weights 
 resident set during training (VmHWM, reset through /proc/self/clear_refs before `train()`) and the resident set
 before the model loaded; with --trace-memory also the profiler's traced torch allocations (traced_train), which is
 what compares with the plan's estimate, and with --cuda-like a CPU step keeps for backward what a CUDA step would
-(emulate_cuda_saved_tensors). --replan JSON recomputes the plan figures of an earlier run after the plan changed.
+(emulate_cuda_saved_tensors). Loss: `train_loss` is each trainer's own objective, ours response + lambda *
+witness (two means, so about twice stock's single mean over the same tokens); `token_nll` compares
+(`comparable_nll`). --replan JSON recomputes the plan figures of an earlier run after the plan changed.
 """
 
 from __future__ import annotations
@@ -292,6 +294,7 @@ def worker(args) -> dict:
                 "rss_peak_train_bytes": rss("VmHWM"), "rss_peak_above_start_bytes": rss("VmHWM") - base_rss}
     if traced is not None:
         row |= {"traced_peak_allocated_bytes": traced, "timing_under_profiler": True}
+    row |= comparable_nll(trainer.state.log_history, args.trainer, row["train_loss"])
     if args.trainer == "stock-best":
         row["liger"] = liger
     if args.trainer.startswith("tear"):
@@ -301,6 +304,24 @@ def worker(args) -> dict:
         p = plan(recipe, config=config, source=str(model_dir))
         row |= {"plan_peak_allocated_bytes": p.peak_allocated, "plan_card_bytes": p.card_bytes, "plan_phase": p.phase}
     return row
+
+
+def comparable_nll(log_history: list[dict], trainer: str, train_loss: float) -> dict:
+    """The figure that compares across trainers: `token_nll`, the mean NLL per loss-carrying token.
+
+    `train_loss` is each trainer's own objective, and they differ by definition. Ours is the sum of two means,
+    response_loss + lambda * witness_loss: at lambda 1, with random weights (every NLL near ln V), about 2 ln V.
+    Stock SFTTrainer's is one mean over all completion tokens (the response and witness spans together), about
+    ln V. So ours reads twice stock's at the same per-token NLL: a difference of definition, not a wrong value.
+    Ours gets its token-weighted mean from the span totals every log line carries; stock's loss already is one."""
+    if not trainer.startswith("tear"):
+        return {"token_nll": train_loss}
+    lines = [e for e in log_history if "response_tokens" in e]  # each log line holds the spans since the last one
+    n_r, n_w = sum(e["response_tokens"] for e in lines), sum(e["witness_tokens"] for e in lines)
+    sum_r = sum(e["response_loss"] * e["response_tokens"] for e in lines)
+    sum_w = sum(e["witness_loss"] * e["witness_tokens"] for e in lines)
+    return {"response_loss": round(sum_r / max(n_r, 1), 4), "witness_loss": round(sum_w / max(n_w, 1), 4),
+            "lambda": lines[-1]["lambda"] if lines else None, "token_nll": round((sum_r + sum_w) / max(n_r + n_w, 1), 4)}
 
 
 def run_one(model_dir: Path, trainer: str, micro_batch: int, args) -> dict:
@@ -408,7 +429,7 @@ def print_row(row: dict, device: str) -> None:
         mem += f"  traced alloc {fmt_gb(row['traced_peak_allocated_bytes'])} GiB"
     print(f"{row['trainer']:5s} {row['shape']} L{row['layers']} seq {row['seq']} mb {row['micro_batch']}: "
           f"{row['time_per_step_s']:8.2f} s/step {row['tokens_per_s']:9.1f} tok/s  {mem}{plan}  "
-          f"loss {row['train_loss']}", flush=True)
+          f"loss {row['train_loss']} (per-token NLL {row.get('token_nll')})", flush=True)
 
 
 def print_ratios(results: list[dict], device: str) -> None:

@@ -170,6 +170,33 @@ def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
 
 
+def _fused_chunk(h, t, coef, weight, row_ids, rows, nll, grad_hidden, grad_rows) -> None:
+    """One chunk of `_FusedSpanLoss.forward`: its NLL into `nll`, its hidden-state gradient into `grad_hidden` and
+    its row gradient added to `grad_rows` (both None: NLL only).
+
+    A function of its own so that the chunk's [chunk, V] buffers (fp32 softmax, compute-dtype gradient) are freed
+    when it returns. As loop variables they stayed alive while the next chunk's logits were built: two chunks'
+    buffers at the peak instead of one (docs/performance.md, "the fused loss's memory")."""
+    z = _project(h, weight, row_ids, rows).float()  # a no-op copy when the compute dtype is fp32
+    target_logit = z.gather(1, t[:, None]).squeeze(1)
+    top = z.amax(dim=1, keepdim=True)
+    sum_exp = z.sub_(top).exp_().sum(dim=1)  # in place: z now holds exp(z - max)
+    torch.sub(sum_exp.log().add_(top.squeeze(1)), target_logit, out=nll)
+    if grad_hidden is None:
+        return
+    grad = z.div_(sum_exp[:, None])  # softmax
+    grad[torch.arange(len(t), device=grad.device), t] -= 1.0
+    grad = grad.mul_(coef[:, None]).to(h.dtype)
+    del z  # the fp32 buffer (a no-op `.to` in fp32 keeps it as `grad`)
+    if row_ids is not None:
+        grad_cols = grad[:, row_ids]
+        grad[:, row_ids] = 0  # those columns came from `rows`, not `weight`
+        grad_rows += grad_cols.float().t() @ h.float()
+    torch.mm(grad, weight, out=grad_hidden)
+    if row_ids is not None:
+        grad_hidden += grad_cols @ rows
+
+
 class _FusedSpanLoss(torch.autograd.Function):
     """`sum_i coef_i * nll_i` of `hidden @ W.T` (W = frozen weight with `rows` at `row_ids`), and the per-token NLL,
     with the gradients computed chunk by chunk in forward: only the [N, H] hidden-state gradient and the [n_rows, H]
@@ -193,25 +220,9 @@ class _FusedSpanLoss(torch.autograd.Function):
             if want_grad and rows is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_size):
-                end = min(start + chunk_size, n)
-                h, t = hidden[start:end], targets[start:end]
-                z = _project(h, weight, row_ids, rows).float()  # a no-op copy when the compute dtype is fp32
-                target_logit = z.gather(1, t[:, None]).squeeze(1)
-                top = z.amax(dim=1, keepdim=True)
-                sum_exp = z.sub_(top).exp_().sum(dim=1)  # in place: z now holds exp(z - max)
-                nll[start:end] = sum_exp.log().add_(top.squeeze(1)).sub_(target_logit)
-                if not want_grad:
-                    continue
-                grad = z.div_(sum_exp[:, None])  # softmax
-                grad[torch.arange(end - start, device=grad.device), t] -= 1.0
-                grad = grad.mul_(coef[start:end, None]).to(hidden.dtype)
-                if row_ids is not None:
-                    grad_cols = grad[:, row_ids]
-                    grad[:, row_ids] = 0  # those columns came from `rows`, not `weight`
-                    grad_rows += grad_cols.float().t() @ h.float()
-                torch.mm(grad, weight, out=grad_hidden[start:end])
-                if row_ids is not None:
-                    grad_hidden[start:end] += grad_cols @ rows
+                s = slice(start, min(start + chunk_size, n))
+                _fused_chunk(hidden[s], targets[s], coef[s], weight, row_ids, rows, nll[s],
+                             grad_hidden[s] if want_grad else None, grad_rows)
         ctx.save_for_backward(grad_hidden, grad_rows)
         ctx.rows_dtype = rows.dtype if rows is not None else None
         ctx.mark_non_differentiable(nll)
