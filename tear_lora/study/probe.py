@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from ..lexical import probe_folds
+from .lexical import probe_folds
 from .nulls import codes, mde_auroc
 
 ALPHAS = (0.1, 1.0, 10.0)  # ridge penalties, relative to the kernel's scale (features standardised, K = XXᵀ/d)

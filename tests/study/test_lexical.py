@@ -77,7 +77,7 @@ def test_word_controls_read_what_their_features_carry():
     design: every response word is once helpful and once harmful)."""
     from sklearn.metrics import roc_auc_score
 
-    from tear_lora.lexical import word_control_scores
+    from tear_lora.study.lexical import word_control_scores
 
     inputs, responses, labels, groups = [], [], [], []
     for k in range(16):  # quadruples: (cast iron | non-stick) × (steel wool | soak), helpful when they agree
