@@ -76,7 +76,7 @@ C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def word_control_scores(pairs: list[tuple[str, str]], labels: np.ndarray, groups, folds, seed: int) -> dict:
-    """{control: out-of-fold P(label 1)} for every WORD_CONTROLS entry on the given (train, test) folds, C chosen
+    """{control: out-of-fold score for label 1} for every WORD_CONTROLS entry on the given (train, test) folds, C chosen
     by grouped AUROC inside each training fold (nested), so no control is handicapped by a fixed C."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
@@ -93,7 +93,10 @@ def word_control_scores(pairs: list[tuple[str, str]], labels: np.ndarray, groups
                                   {"logisticregression__C": C_GRID}, scoring="roc_auc",
                                   cv=StratifiedGroupKFold(inner, shuffle=True, random_state=seed))
             search.fit([pairs[i] for i in train], labels[train], groups=group_codes[train])
-            scores[test] = search.predict_proba([pairs[i] for i in test])[:, 1]
+            # the linear score without its intercept: a fold's intercept (its label balance, its C) would rank
+            # whole folds against each other when the out-of-fold scores are pooled
+            scores[test] = search.decision_function([pairs[i] for i in test]) - \
+                search.best_estimator_[-1].intercept_[0]
         out[name] = scores
     return out
 

@@ -63,18 +63,19 @@ def within_unit_permutations(labels: np.ndarray, units: np.ndarray, draws: int, 
 
 
 def fold_maps(features: np.ndarray, folds, alphas=ALPHAS) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per fold (train, test, maps [alphas, test, train]): ridge out-of-fold scores = maps @ y[train] (with its
-    intercept), standardised on the training rows only."""
+    """Per fold (train, test, maps [alphas, test, train]): ridge out-of-fold scores = maps @ y[train],
+    standardised on the training rows only."""
     out = []
     for train, test in folds:
         mean, scale = features[train].mean(0), features[train].std(0)
-        scale[scale == 0] = 1.0
+        scale[scale <= 1e-6 * np.maximum(np.abs(mean), 1.0)] = np.inf  # a constant feature carries nothing
         x_train, x_test = (features[train] - mean) / scale, (features[test] - mean) / scale
         kernel, cross = x_train @ x_train.T / features.shape[1], x_test @ x_train.T / features.shape[1]
         values, vectors = np.linalg.eigh(kernel)
         centering = np.eye(len(train)) - 1.0 / len(train)
-        maps = np.stack([1.0 / len(train) + (cross @ (vectors / (values + alpha)) @ vectors.T) @ centering
-                         for alpha in alphas])
+        # no intercept: the training fold's label mean would rank whole folds against each other (a known
+        # negative bias of cross-validated AUROC); only the ranking inside the fit matters
+        maps = np.stack([(cross @ (vectors / (values + alpha)) @ vectors.T) @ centering for alpha in alphas])
         out.append((train, test, maps))
     return out
 
@@ -101,10 +102,13 @@ def probe(states: np.ndarray, labels: np.ndarray, groups, units, folds: int = 5,
     units are what the null swaps labels within (the pair). Everything chosen is chosen on the selection split."""
     labels = np.asarray(labels, dtype=int)
     group_codes, unit_codes = codes(groups), codes(units)
-    null_kind = "within-pair label swap"
-    if np.bincount(unit_codes).max() < 2:  # no pairs: shuffle within the fold groups instead
-        unit_codes, null_kind = group_codes, "label shuffle within fold groups"
     select, score, inner, outer = probe_splits(labels, group_codes, folds, seed)
+    null_kind = "within-pair label swap"
+    if np.bincount(unit_codes).max() < 2:  # no pairs: shuffle within the fold groups, else within each split
+        unit_codes, null_kind = group_codes, "label shuffle within fold groups"
+        if np.bincount(unit_codes).max() < 2:
+            unit_codes = np.isin(np.arange(len(labels)), select).astype(int)
+            null_kind = "label shuffle across rows within each split (no pairs or groups)"
     all_labels = np.column_stack([labels, within_unit_permutations(labels, unit_codes, draws, seed + 1)])
     layers = states.shape[0]
     chosen_on = np.zeros((layers, len(ALPHAS), all_labels.shape[1]))
