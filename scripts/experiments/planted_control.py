@@ -17,7 +17,7 @@ from tear_lora.study.probe import detection_rate
 
 OUT = Path(__file__).resolve().parents[2] / "docs/experiments/planted_control.json"
 STUDY = {"pairs": 128, "pairs_per_group": 16, "layers": 31, "dim": 576, "draws": 1000}
-RUNS = [(0.60, 16, False), (0.60, 16, True), (0.70, 8, False), (0.80, 8, False)]
+RUNS = [(0.60, 16, False), (0.60, 16, True), (0.70, 8, False)]
 
 started, results = time.time(), []
 for auroc, repeats, shuffle in RUNS:
