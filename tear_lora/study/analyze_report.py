@@ -22,6 +22,10 @@ def _dropped(result: dict) -> str:
     return "; dropped: " + ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in dropped.items()) if dropped else ""
 
 
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _read(counts: dict) -> str:
     """What reading kept and dropped, in the words rawdata.describe_counts prints."""
     return (f"{counts['rows_read']} rows read: {counts['rows_kept']} kept, {counts['rows_rejected_invalid']} invalid, "
@@ -61,13 +65,13 @@ def _notes(first: dict) -> str:
     m, s, p = first.get("matching", {}), first.get("sensitivity", {}), first.get("probe", {})
     if "delta_nats" in m:
         notes.append(f"matching on {m['n']} pairs ({m['witnesses']} witnesses{_dropped(m)}), Δ in nats/token, null: "
-                     f"{m['null']}; P(Δ>0) null 0.5; smallest detectable Δ {m['mde']['delta_nats']:.3f}")
+                     f"{m['null']}; P(Δ>0) null 0.5; smallest detectable Δ {_num(m['mde']['delta_nats'])}")
     if "nats_per_token" in s:
         notes.append(f"sensitivity: {s['n']} witnesses after {s['partner']}")
     if "auroc" in p:
         notes.append(f"probe: layer chosen on {p['selection_rows']} rows, scored on {p['n']} ({p['folds']}-fold, "
                      f"grouped by {p['grouped_by']}), null: {p['null']}; smallest detectable AUROC "
-                     f"{p['mde_auroc']:.3f}; beyond words = probe − best words control on the same folds")
+                     f"{_num(p['mde_auroc'])}; beyond words = probe − best words control on the same folds")
     notes += [f"{k}: {v['skipped']}{_dropped(v)}" for k, v in first.items() if isinstance(v, dict) and "skipped" in v]
     return "(" + "; ".join(notes) + ")"
 

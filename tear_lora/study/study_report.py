@@ -67,7 +67,7 @@ def study_tables(report: dict, draws: int = 2000, seed: int = 0) -> str:
         if first and first.get("words"):
             lines += ["", "Words-only controls, AUROC on the same scored rows and folds (C tuned inside the folds): "
                       + "; ".join(f"{name} {v:.3f}" for name, v in first["words"].items())
-                      + f". Scored rows: {first['n']}, smallest detectable AUROC {first['mde_auroc']:.3f}."]
+                      + f". Scored rows: {first['n']}, smallest detectable AUROC {_fmt(first['mde_auroc'])}."]
         decision = decide(report, data_file, draws, seed)
         if decision["primary"]:
             lines += ["", "| contrast (probe AUROC) | estimate | Holm level CI | p | p (Holm) | detectable |",
