@@ -71,9 +71,9 @@ def two_level(report: dict, data_file: str, instrument: str, draws: int = 2000, 
     groups = groups_of(report, data_file, instrument)
     if not groups:
         return {}
-    first = next(iter(groups.values()))[0]
-    all_items = first["scored_items"] if instrument == "probe" else first["items"]
-    universe = {item: k for k, item in enumerate(sorted(set(all_items)))}
+    key = "scored_items" if instrument == "probe" else "items"
+    all_items = {item for results in groups.values() for result in results for item in result[key]}
+    universe = {item: k for k, item in enumerate(sorted(all_items))}
     rng = np.random.default_rng(seed)
     item_weights = unit_weights(np.arange(len(universe)), draws, rng)  # [draws, items]
 
