@@ -4,7 +4,8 @@
 #
 # ROUND=3 (default; issue 29): crossed quadruples and the rule fixed in advance (docs/experiments/round3_rule.md).
 #   arms: λ 0, λ 1 on data/raw/quad_train.jsonl (16 families), λ 1 on the same triples with witnesses shuffled
-#   within their family (scripts/experiments/shuffle_witnesses.py), SEEDS (42 7 1), EPOCHS (1); the base
+#   within their family (scripts/experiments/shuffle_witnesses.py), SEEDS (42 7 1), EPOCHS (1), each sweep's eval
+#   on the held-out families (the sweep tables give held-out NLL per span); the base
 #   `tear-lora analyze --report $OUT/lambda_study_r3` on the 8 held-out families of data/raw/quad_eval.jsonl (the
 #   rule's data) and on its 16 training families; about 2 h on 2 CPU cores (9 trainings of ~9 min, then analyze)
 # ROUND=2 (issue 24): instruments that can fail.
@@ -101,7 +102,7 @@ if [ "$ROUND" = 3 ]; then
       echo "== $arm, seed $seed, lambda $lambdas, $EPOCHS epoch(s) on $train"
       nice -n 10 tear-lora sweep "$RECIPE" --lambdas "$lambdas" --set training.seed="$seed" "${steps[@]}" \
         --set training.num_train_epochs="$EPOCHS" --set data.train_file="$train" \
-        --set data.eval_file="$SPLIT/$stem.in.jsonl" --set output.run_name="$NAME-$arm-seed$seed" \
+        --set data.eval_file="$SPLIT/$stem.out.jsonl" --set output.run_name="$NAME-$arm-seed$seed" \
         --plot "adapters/$NAME-$arm-seed$seed-sweep.png" > "adapters/$NAME-$arm-seed$seed-sweep.txt"
     done
   done

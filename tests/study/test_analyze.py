@@ -144,6 +144,9 @@ def test_model_that_reads_the_response_matches_and_is_sensitive(copy_model_dir, 
     assert matching["n"] == 6 and matching["n_of"] == "pairs" and "sign flip" in matching["null"]
     assert sensitivity["n"] == 12 and sensitivity["nats_per_token"] > 2.0 and sensitivity["ci"][0] > 1.0
     assert sensitivity["swapped_witness_nll"] > sensitivity["true_witness_nll"] + 2.0
+    # the swap is the true minimal partner: with one-token witnesses, per token is per witness, so sensitivity is
+    # matching's Δ exactly (round 2's random row of the domain would give another number)
+    assert sensitivity["nats_per_token"] == pytest.approx(matching["delta_nats"], rel=1e-6)
     # the witness repeats its response's word: the words-only control matches every pair as well
     assert matching["lexical"]["p_positive"] == 1.0 and matching["lexical"]["delta_nats"] > 0.5
     assert sensitivity["lexical"]["nats_per_word"] > 0.5
