@@ -69,8 +69,8 @@ WORD_CONTROLS = {  # name: (input, response) -> the tokens a bag-of-words model 
     "response words": lambda pair: words(pair[1]),
     "response words + word pairs": lambda pair: _bigrams(pair[1]),
     "input + response words": lambda pair: [f"i:{w}" for w in words(pair[0])] + [f"r:{w}" for w in words(pair[1])],
-    "input word × response word": lambda pair: [f"{a}|{b}" for a in sorted(set(words(pair[0])))
-                                                for b in sorted(set(words(pair[1])))],
+    "input word × response word": lambda pair: WORD_CONTROLS["input + response words"](pair) + [
+        f"{a}|{b}" for a in sorted(set(words(pair[0]))) for b in sorted(set(words(pair[1])))],
 }
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 
@@ -149,22 +149,15 @@ class OverlapScorer:
 
 def crossed_word_scores(inputs: list[str] | None, responses: list[str], labels: np.ndarray, folds,
                         pairs: bool = False, C: float = 1.0) -> np.ndarray:
-    """Words controls for crossed data (issue 29), out of fold: TF-IDF + logistic regression over the response's
-    words (`inputs` None), the input's and the response's words kept apart (`i:w`, `r:w`), or with `pairs` every
-    input-word × response-word pair (`i:w|r:v`), the features that would read a string match between an input
-    and its response. Fold by family: within a family the same pairs recur (docs/data.md)."""
+    """One WORD_CONTROLS entry at a fixed C, out of fold (the data's own test, tests/data/test_quadruples.py):
+    the response's words (`inputs` None), the input's and the response's words kept apart, or with `pairs` every
+    input-word × response-word pair as well, the features that would read a string match between an input and
+    its response. Fold by family: within a family the same pairs recur (docs/data.md)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    features = []
-    for k, response in enumerate(responses):
-        own = [f"r:{w}" for w in words(response)]
-        if inputs is not None:
-            source = words(inputs[k])
-            own += [f"i:{w}" for w in source]
-            if pairs:
-                own += [f"i:{a}|r:{b}" for a in set(source) for b in set(words(response))]
-        features.append(own)
-    return out_of_fold(lambda: make_pipeline(TfidfVectorizer(analyzer=list), LogisticRegression(C=C, max_iter=2000)),
-                       features, labels, folds)
+    name = "response words" if inputs is None else "input word × response word" if pairs else "input + response words"
+    texts = list(zip(inputs or [""] * len(responses), responses))
+    return out_of_fold(lambda: make_pipeline(TfidfVectorizer(analyzer=WORD_CONTROLS[name]),
+                                             LogisticRegression(C=C, max_iter=2000)), texts, labels, folds)
