@@ -265,11 +265,16 @@ def _release_args(p: argparse.ArgumentParser, base: bool = True, gen: bool = Fal
 def cmd_analyze(args) -> int:
     from tear_lora.study.analyze import Settings, analyze
     from tear_lora.study.analyze_report import format_analysis, plot_analysis
+    from tear_lora.study.study_report import check_report_dir, write_report
 
     layers = [int(v) for v in args.layers.split(",")] if args.layers else None
-    settings = Settings(folds=args.folds, seed=args.seed, bootstrap=args.bootstrap, layers=layers,
+    settings = Settings(folds=args.folds, seed=args.seed, bootstrap=args.bootstrap, draws=args.draws, layers=layers,
                         batch_size=args.batch_size)
+    if args.report:  # refused before any model loads, as every verb that writes a directory
+        check_report_dir(args.report, args.overwrite)
     report = analyze(args.sources, args.data, settings, args.base, args.trust_remote_code, args.skip_invalid or None)
+    if args.report:
+        report["report"] = str(write_report(report, args.report, args.overwrite))
     if args.plot:
         report["plot"] = str(plot_analysis(report, args.plot))
     _emit(report, args.json, lambda: format_analysis(report) + (f"\nplot: {report['plot']}" if args.plot else ""))
@@ -417,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, default=5, help="probe cross-validation folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="mismatch draw, folds, label shuffle, bootstrap (default 0)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--draws", type=int, default=1000, help="permutation / sign-flip draws for every null (default "
+                   "1000)")
+    p.add_argument("--report", help="directory for the JSON, tables and plots (built whole, then swapped in)")
+    p.add_argument("--overwrite", action="store_true", help="replace a --report directory of an earlier analyze")
     p.add_argument("--layers", help="probe layers, e.g. 0,6,12 (0 = embeddings; default: every layer)")
     p.add_argument("--batch-size", type=int, default=8)
     _skip_invalid_arg(p)

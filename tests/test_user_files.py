@@ -143,6 +143,18 @@ def test_split_domains_replaces_its_own_split_only_with_overwrite(tmp_path, caps
     assert recorded["files"][0]["source_sha256"] == hashlib.sha256((REPO / "data/raw/eval.jsonl").read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
+def test_analyze_report_at_a_users_directory(pair, tmp_path, overwrite, capsys):
+    target = tmp_path / "mine"
+    plant_canaries(target)
+    (target / "analyze.json").write_text('{"mine": true}')  # even one named like ours
+    before = snapshot(target)
+    assert main(["analyze", str(pair["a"]), "--data", str(REPO / "data/raw/contrast.jsonl"), "--report", str(target),
+                 *overwrite]) == 2
+    one_line_error(capsys, target, "not a finished tear_lora analyze report")
+    assert snapshot(target) == before
+
+
 @pytest.mark.parametrize("gguf", [[], ["--gguf", "f16"]], ids=["merge", "merge-gguf"])
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
 def test_merge_at_a_users_directory(pair, tmp_path, gguf, overwrite, capsys):

@@ -2,7 +2,13 @@
 # The λ study: does weighting the witness loss make the model's consequence predictions depend on what was said?
 # Demo model (SmolLM2-135M, 4-bit, CPU), recipes/demo-cpu.yaml; docs/experiments/lambda.md has the method and results.
 #
-# ROUND=2 (default; issue 24): instruments that can fail.
+# ROUND=3 (default; issue 29): crossed quadruples and the rule fixed in advance (docs/experiments/round3_rule.md).
+#   arms: λ 0, λ 1 on data/raw/quad_train.jsonl (16 families), λ 1 on the same triples with witnesses shuffled
+#   within their family (scripts/experiments/shuffle_witnesses.py), SEEDS (42 7 1), EPOCHS (1), each sweep's eval
+#   on the held-out families (the sweep tables give held-out NLL per span); the base
+#   `tear-lora analyze --report $OUT/lambda_study_r3` on the 8 held-out families of data/raw/quad_eval.jsonl (the
+#   rule's data) and on its 16 training families; about 2 h on 2 CPU cores (9 trainings of ~9 min, then analyze)
+# ROUND=2 (issue 24): instruments that can fail.
 #   `tear-lora split-domains` holds out HOLD_OUT (default code,relationships) from every bundled file
 #   λ ∈ LAMBDAS (0,1,2) × SEEDS (42 7 1), plain objective, trained on the left-in domains only
 #   `tear-lora analyze` on all of them + the base, with the words-only controls, on: the minimal pairs (all
@@ -25,7 +31,7 @@ cd "$(dirname "$0")/../.."
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ROUND="${ROUND:-2}"
+ROUND="${ROUND:-3}"
 RECIPE="${RECIPE:-recipes/demo-cpu.yaml}"
 OUT="${OUT:-docs/experiments}"
 MAX_STEPS="${MAX_STEPS:-}"  # empty: the recipe's own length
@@ -46,7 +52,7 @@ print(format_analysis(json.load(open(sys.argv[1]))))
 PY
   python - "$1" > "$2_tables.md" <<'PY'
 import json, sys
-from tear_lora.study.analyze_report import study_tables
+from tear_lora.study.study_report import study_tables
 print(study_tables(json.load(open(sys.argv[1]))))
 PY
 }
@@ -72,6 +78,39 @@ if [ "$ROUND" = 1 ]; then
   report "$OUT/lambda_study.json" "$OUT/lambda_study"
   tear-lora eval "${runs[@]}" --data data/raw/eval.jsonl | tee "$OUT/lambda_study_eval.txt"
   echo "study finished in $((SECONDS - started)) s"
+  exit 0
+fi
+
+if [ "$ROUND" = 3 ]; then
+  NAME="${NAME:-lambda-study-r3}"
+  SEEDS="${SEEDS:-42 7 1}"
+  EPOCHS="${EPOCHS:-1}"
+  QUAD_TRAIN="${QUAD_TRAIN:-data/raw/quad_train.jsonl}"
+  QUAD_EVAL="${QUAD_EVAL:-data/raw/quad_eval.jsonl}"
+  HOLD_OUT="${HOLD_OUT:-$(python -c 'import json, sys; print(",".join(json.load(open(sys.argv[1]))["held_out"]))' \
+    "${QUAD_MANIFEST:-data/raw/quad_manifest.json}")}"
+  SPLIT="data/processed/splits/quad-r3"
+  SHUFFLED="data/processed/quad_train.shuffled.jsonl"
+  echo "== held-out families: $HOLD_OUT -> $SPLIT; shuffled-witness training file -> $SHUFFLED"
+  tear-lora split-domains "$QUAD_EVAL" --hold-out "$HOLD_OUT" --out "$SPLIT" --overwrite
+  stem="$(basename "$QUAD_EVAL" .jsonl)"
+  python scripts/experiments/shuffle_witnesses.py "$QUAD_TRAIN" "$SHUFFLED" --seed 0
+  for seed in $SEEDS; do
+    for arm in plain shuffled; do
+      train="$QUAD_TRAIN"; lambdas=0,1
+      [ "$arm" = shuffled ] && train="$SHUFFLED" && lambdas=1
+      echo "== $arm, seed $seed, lambda $lambdas, $EPOCHS epoch(s) on $train"
+      nice -n 10 tear-lora sweep "$RECIPE" --lambdas "$lambdas" --set training.seed="$seed" "${steps[@]}" \
+        --set training.num_train_epochs="$EPOCHS" --set data.train_file="$train" \
+        --set data.eval_file="$SPLIT/$stem.out.jsonl" --set output.run_name="$NAME-$arm-seed$seed" \
+        --plot "adapters/$NAME-$arm-seed$seed-sweep.png" > "adapters/$NAME-$arm-seed$seed-sweep.txt"
+    done
+  done
+  echo "== analyze (one base, every adapter): held-out families (the rule's data), then the training families"
+  mapfile -t runs < <(ls -d adapters/"$NAME"-plain-seed*-lambda* adapters/"$NAME"-shuffled-seed*-lambda*)
+  nice -n 10 tear-lora analyze "${runs[@]}" --data "$SPLIT/$stem.out.jsonl" --data "$SPLIT/$stem.in.jsonl" \
+    --report "$OUT/lambda_study_r3" --overwrite > "$OUT/lambda_study_r3.txt"
+  echo "study finished in $((SECONDS - started)) s; tables: $OUT/lambda_study_r3/tables.md"
   exit 0
 fi
 

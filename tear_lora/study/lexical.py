@@ -5,6 +5,9 @@ that a model represents impact only beyond what a model of the surface words get
 controls live here, plus the fold split and the paired bootstrap that put a probe and its control side by side:
 
 - `text_probe_scores`: TF-IDF of the response text + the same logistic regression, on the same folds, out of fold.
+- `word_control_scores`: the strongest words-only probes we know of, each with its C tuned inside the folds:
+  response words; response words + word pairs; input + response words; input word × response word pairs (the
+  one that reads a string match between input and response). "Beyond words" means beyond the best of them.
 - `OverlapScorer`: a unigram model of the witness given the response's words (Dirichlet-smoothed word overlap),
   whose per-word NLL goes through exactly the matching / sensitivity arithmetic a model's per-token NLL does.
 
@@ -57,6 +60,47 @@ def text_probe_scores(texts: list[str], labels: np.ndarray, folds) -> np.ndarray
                        folds)
 
 
+def _bigrams(text: str) -> list[str]:
+    found = words(text)
+    return found + [f"{a} {b}" for a, b in zip(found, found[1:])]
+
+
+WORD_CONTROLS = {  # name: (input, response) -> the tokens a bag-of-words model sees
+    "response words": lambda pair: words(pair[1]),
+    "response words + word pairs": lambda pair: _bigrams(pair[1]),
+    "input + response words": lambda pair: [f"i:{w}" for w in words(pair[0])] + [f"r:{w}" for w in words(pair[1])],
+    "input word × response word": lambda pair: WORD_CONTROLS["input + response words"](pair) + [
+        f"{a}|{b}" for a in sorted(set(words(pair[0]))) for b in sorted(set(words(pair[1])))],
+}
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def word_control_scores(pairs: list[tuple[str, str]], labels: np.ndarray, groups, folds, seed: int) -> dict:
+    """{control: out-of-fold score for label 1} for every WORD_CONTROLS entry on the given (train, test) folds, C chosen
+    by grouped AUROC inside each training fold (nested), so no control is handicapped by a fixed C."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+
+    group_codes = np.unique([str(g) for g in groups], return_inverse=True)[1]
+    out = {}
+    for name, analyzer in WORD_CONTROLS.items():
+        scores = np.zeros(len(labels))
+        for train, test in folds:
+            inner = min(3, len(set(group_codes[train])))
+            search = GridSearchCV(make_pipeline(TfidfVectorizer(analyzer=analyzer), LogisticRegression(max_iter=2000)),
+                                  {"logisticregression__C": C_GRID}, scoring="roc_auc",
+                                  cv=StratifiedGroupKFold(inner, shuffle=True, random_state=seed))
+            search.fit([pairs[i] for i in train], labels[train], groups=group_codes[train])
+            # the linear score without its intercept: a fold's intercept (its label balance, its C) would rank
+            # whole folds against each other when the out-of-fold scores are pooled
+            scores[test] = search.decision_function([pairs[i] for i in test]) - \
+                search.best_estimator_[-1].intercept_[0]
+        out[name] = scores
+    return out
+
+
 def auroc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, groups: list,
                      resamples: int, seed: int) -> dict:
     """AUROC(a) − AUROC(b) on the same rows, with a 95% percentile interval from resampling whole groups (pairs
@@ -105,22 +149,15 @@ class OverlapScorer:
 
 def crossed_word_scores(inputs: list[str] | None, responses: list[str], labels: np.ndarray, folds,
                         pairs: bool = False, C: float = 1.0) -> np.ndarray:
-    """Words controls for crossed data (issue 29), out of fold: TF-IDF + logistic regression over the response's
-    words (`inputs` None), the input's and the response's words kept apart (`i:w`, `r:w`), or with `pairs` every
-    input-word × response-word pair (`i:w|r:v`), the features that would read a string match between an input
-    and its response. Fold by family: within a family the same pairs recur (docs/data.md)."""
+    """One WORD_CONTROLS entry at a fixed C, out of fold (the data's own test, tests/data/test_quadruples.py):
+    the response's words (`inputs` None), the input's and the response's words kept apart, or with `pairs` every
+    input-word × response-word pair as well, the features that would read a string match between an input and
+    its response. Fold by family: within a family the same pairs recur (docs/data.md)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
 
-    features = []
-    for k, response in enumerate(responses):
-        own = [f"r:{w}" for w in words(response)]
-        if inputs is not None:
-            source = words(inputs[k])
-            own += [f"i:{w}" for w in source]
-            if pairs:
-                own += [f"i:{a}|r:{b}" for a in set(source) for b in set(words(response))]
-        features.append(own)
-    return out_of_fold(lambda: make_pipeline(TfidfVectorizer(analyzer=list), LogisticRegression(C=C, max_iter=2000)),
-                       features, labels, folds)
+    name = "response words" if inputs is None else "input word × response word" if pairs else "input + response words"
+    texts = list(zip(inputs or [""] * len(responses), responses))
+    return out_of_fold(lambda: make_pipeline(TfidfVectorizer(analyzer=WORD_CONTROLS[name]),
+                                             LogisticRegression(C=C, max_iter=2000)), texts, labels, folds)

@@ -1,10 +1,11 @@
 """`tear-lora analyze`: each instrument measures what it claims, on models built here.
 
 - A tiny model trained so that its witness copies the response's word must match every pair and be very
-  sensitive to the response; a random model, whose predictions ignore the context, gets ~0 margin and ~0
-  sensitivity.
+  sensitive to the response (with its true minimal partner); a random model, whose predictions ignore the
+  context, gets ~0 Δ and ~0 sensitivity.
 - The probe finds valence where the response carries it (yes/no before `<|/response|>`), not in the embedding
-  layer (the same tag token on every row), and not with shuffled labels.
+  layer (the same tag token on every row), beyond its permutation null. The nulls themselves, on synthetic data:
+  tests/study/test_nulls.py.
 - The lexical controls can fail both ways: where valence is spelled out in the words (yes/no; a witness repeating
   its response's word), the words-only control reaches the model (probe − words contains 0); where it is carried
   only by a number no bag of words can generalise (a dose above or below 50 mg, every dose a new word), a tiny
@@ -18,12 +19,12 @@ import pytest
 import torch
 
 from tear_lora.cli import main
-from tear_lora.study.analyze import Settings, analyze, mismatched_partners
+from tear_lora.study.analyze import Settings, analyze
 
 WORDS = [" apple", " stone", " river", " candle", " paper", " horse", " glass", " cloud", " bread", " metal",
          " music", " salt"]
 PROMPT = "Say a word."
-FAST = Settings(folds=3, bootstrap=200, batch_size=12)
+FAST = Settings(folds=3, bootstrap=200, draws=200, batch_size=12)
 
 
 def _save(model, tokenizer, path):
@@ -138,19 +139,23 @@ def _result(report, name_part=""):
 def test_model_that_reads_the_response_matches_and_is_sensitive(copy_model_dir, pairs_file):
     result = _result(analyze([copy_model_dir], [pairs_file], FAST))
     matching, sensitivity = result["matching"], result["sensitivity"]
-    assert matching["pairs"] == 6 and matching["accuracy"] == 1.0 and matching["side_accuracy"] == 1.0
-    assert matching["margin_nats"] > 2.0 and matching["margin_ci"][0] > 1.0
-    assert sensitivity["rows"] == 12 and sensitivity["nats_per_token"] > 2.0 and sensitivity["ci"][0] > 1.0
+    assert matching["pairs"] == 6 and matching["p_positive"] == 1.0 and matching["both_sides"] == 1.0
+    assert matching["delta_nats"] > 2.0 and matching["delta_ci"][0] > 1.0 and matching["delta_p"] < 0.05
+    assert matching["n"] == 6 and matching["n_of"] == "pairs" and "sign flip" in matching["null"]
+    assert sensitivity["n"] == 12 and sensitivity["nats_per_token"] > 2.0 and sensitivity["ci"][0] > 1.0
     assert sensitivity["swapped_witness_nll"] > sensitivity["true_witness_nll"] + 2.0
+    # the swap is the true minimal partner: with one-token witnesses, per token is per witness, so sensitivity is
+    # matching's Δ exactly (round 2's random row of the domain would give another number)
+    assert sensitivity["nats_per_token"] == pytest.approx(matching["delta_nats"], rel=1e-6)
     # the witness repeats its response's word: the words-only control matches every pair as well
-    assert matching["lexical"]["accuracy"] == 1.0 and matching["lexical"]["margin_nats"] > 0.5
+    assert matching["lexical"]["p_positive"] == 1.0 and matching["lexical"]["delta_nats"] > 0.5
     assert sensitivity["lexical"]["nats_per_word"] > 0.5
 
 
 def test_model_that_ignores_the_response_gets_zero_margin_and_sensitivity(random_model_dir, pairs_file):
     result = _result(analyze([random_model_dir], [pairs_file], FAST))
     matching, sensitivity = result["matching"], result["sensitivity"]
-    assert abs(matching["margin_nats"]) < 0.05 and matching["margin_ci"][0] <= 0.0 <= matching["margin_ci"][1] + 1e-9
+    assert abs(matching["delta_nats"]) < 0.05 and matching["delta_ci"][0] <= 0.0 <= matching["delta_ci"][1] + 1e-9
     assert abs(sensitivity["nats_per_token"]) < 0.05
     # ~ln(151,936) per token: a context-blind model
     assert sensitivity["true_witness_nll"] == pytest.approx(np.log(151_936), abs=0.5)
@@ -159,43 +164,34 @@ def test_model_that_ignores_the_response_gets_zero_margin_and_sensitivity(random
 def test_probe_finds_valence_only_where_the_response_carries_it(random_model_dir, tmp_path):
     rows = [{"id": f"r{i}", "input": f"Question {i}?", "response": f"{w} {'yes' if i % 2 else 'no'}",
              "witness": " ok", "meta": {"domain": "d", "valence": "helpful" if i % 2 else "harmful"}}
-            for i, w in enumerate(WORDS * 2)]
-    report = analyze([random_model_dir], [_write(tmp_path / "probe.jsonl", rows)], Settings(folds=4, bootstrap=100))
+            for i, w in enumerate(WORDS * 4)]
+    report = analyze([random_model_dir], [_write(tmp_path / "probe.jsonl", rows)],
+                     Settings(folds=4, bootstrap=100, draws=200))
     probe = _result(report)["probe"]
-    assert probe["rows"] == 24 and probe["harmful"] == 12 and probe["folds"] == 4
-    by_layer = {r["layer"]: r for r in probe["layers"]}
-    assert len(by_layer) == 3  # embeddings + 2 decoder layers
-    assert by_layer[0]["auroc"] == pytest.approx(0.5)  # the same tag embedding on every row: nothing to find
-    assert probe["best_auroc"] >= 0.9 and probe["best_layer"] > 0
-    assert probe["shuffled_auroc_at_best"] < probe["best_auroc"] - 0.2
+    assert probe["rows"] == 48 and probe["n"] == probe["scored_rows"] == 48 - probe["selection_rows"]
+    assert probe["null"].startswith("label shuffle across rows within each split")  # no pairs, no families
+    assert len(probe["layer_auroc_scored"]) == 3  # embeddings + 2 decoder layers
+    assert probe["layer_auroc_scored"][0] == pytest.approx(0.5)  # the same tag embedding on every row
+    assert probe["auroc"] >= 0.9 and probe["layer"] > 0 and probe["p"] < 0.05 and probe["above_null"] > 0.3
     matching = _result(report)["matching"]  # no pairs here: skipped, nothing dropped
     assert set(matching) == {"skipped", "dropped"} and matching["dropped"] == {"incomplete": 0, "too_long": 0}
-    # valence is spelled out in the words: the TF-IDF control reads it too, so nothing is beyond the words
-    assert probe["lexical_auroc"] == 1.0 and not probe["grouped_by_pair"]
-    low, high = probe["beyond_lexical_ci"]
-    assert probe["beyond_lexical"] <= 0.0 and low <= 0.0 <= high + 1e-9
+    # valence is spelled out in the words: the words controls read it too, so nothing is beyond the words
+    assert probe["words_best_auroc"] == 1.0 and probe["grouped_by"] == "item"
+    low, high = probe["beyond_words_ci"]
+    assert probe["beyond_words"] <= 0.0 and low <= 0.0 <= high + 1e-9
 
 
 def test_valence_carried_only_by_a_number_beats_the_words_only_controls(dose_model_dir, dose_file):
-    result = _result(analyze([dose_model_dir], [dose_file], Settings(folds=4, bootstrap=200)))
+    result = _result(analyze([dose_model_dir], [dose_file], Settings(folds=4, bootstrap=200, draws=200)))
     probe, matching = result["probe"], result["matching"]
-    assert probe["rows"] == 32 and probe["grouped_by_pair"]
-    assert probe["lexical_auroc"] == pytest.approx(0.5)  # no test dose was ever a training word
-    assert probe["best_auroc"] >= 0.9 and probe["beyond_lexical"] >= 0.4 and probe["beyond_lexical_ci"][0] > 0.1
+    assert probe["rows"] == 32 and probe["null"].startswith("within-pair label swap, 200 draws")
+    assert max(probe["words"].values()) <= 0.6  # no test dose was ever a training word
+    assert probe["auroc"] >= 0.9 and probe["p"] < 0.05 and probe["beyond_words"] >= 0.3
+    assert probe["beyond_words_ci"][0] > 0.0
     # the model prefers each witness after its own dose; word overlap cannot tell " fine" from " sick"
-    assert matching["pairs"] == 16 and matching["accuracy"] >= 0.9 and matching["margin_ci"][0] > 0.5
-    assert matching["lexical"]["accuracy"] == 0.0 and matching["lexical"]["margin_nats"] == pytest.approx(0.0)
-
-
-def test_mismatched_partners_stay_in_domain_and_never_self():
-    rows = [{"response": f"r{i}", "meta": {"domain": "ab"[i % 2]}} for i in range(10)]
-    rows.append({"response": "alone", "meta": {"domain": "c"}})
-    partners = mismatched_partners(rows, seed=3)
-    assert partners == mismatched_partners(rows, seed=3) and partners != mismatched_partners(rows, seed=4)
-    assert partners[-1] is None
-    for i, j in enumerate(partners[:-1]):
-        assert j is not None and j != i and rows[j]["meta"]["domain"] == rows[i]["meta"]["domain"]
-    assert sorted(partners[:-1]) == list(range(10))  # each response used once: a permutation
+    assert matching["pairs"] == 16 and matching["p_positive"] >= 0.9 and matching["delta_ci"][0] > 0.5
+    assert matching["delta_p"] < 0.01
+    assert matching["lexical"]["p_positive"] == 0.5 and matching["lexical"]["delta_nats"] == pytest.approx(0.0)
 
 
 def test_adapters_share_one_base_and_the_cli_writes_json_and_plot(tmp_path_factory, tiny_model_dir, pairs_file,
@@ -206,41 +202,27 @@ def test_adapters_share_one_base_and_the_cli_writes_json_and_plot(tmp_path_facto
     capsys.readouterr()  # training's own output, when this test trained the pair
     plot = tmp_path / "analyze.png"
     assert main(["analyze", str(pair["a"]), str(pair["b"]), "--data", str(pairs_file), "--folds", "3",
-                 "--bootstrap", "100", "--layers", "0,2", "--json", "--plot", str(plot)]) == 0
+                 "--bootstrap", "100", "--draws", "100", "--layers", "0,2", "--json", "--plot", str(plot),
+                 "--report", str(tmp_path / "report")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [s["kind"] for s in report["sources"]] == ["adapter", "adapter", "base"]
     assert sorted(s["lambda"] for s in report["sources"][:2]) == [0.0, 2.0]
     for source in report["sources"]:
         result = source["data"][str(pairs_file)]
-        assert result["matching"]["pairs"] == 6 and result["sensitivity"]["rows"] == 12
-        assert [r["layer"] for r in result["probe"]["layers"]] == [0, 2]
+        assert result["matching"]["pairs"] == 6 and result["sensitivity"]["n"] == 12
+        assert len(result["probe"]["layer_auroc_scored"]) == 2 and result["probe"]["layer"] in (0, 2)
     assert report["settings"]["folds"] == 3 and plot.stat().st_size > 10_000
-    assert main(["analyze", str(pair["a"]), "--data", str(pairs_file), "--folds", "3", "--bootstrap", "50"]) == 0
+    written = tmp_path / "report"
+    assert sorted(p.name for p in written.iterdir() if not p.name.startswith(".")) == [
+        "analyze.json", "analyze.png", "analyze.txt", "study.png", "tables.md"]
+    assert json.loads((written / "analyze.json").read_text())["sources"][0]["name"] == report["sources"][0]["name"]
+    assert "95% CI, items then seeds" in (written / "tables.md").read_text()
+    again = ["analyze", str(pair["a"]), "--data", str(pairs_file), "--folds", "3", "--bootstrap", "50", "--draws",
+             "50", "--report", str(written)]
+    assert main(again) == 2 and "--overwrite" in capsys.readouterr().err  # an earlier report: only with --overwrite
+    assert main([*again, "--overwrite"]) == 0
     text = capsys.readouterr().out
-    assert "match acc" in text and "base (adapter disabled)" in text and "6 pairs (chance 0.25)" in text
-
-
-def test_study_tables_group_seeds_and_arms():
-    from tear_lora.study.analyze_report import study_tables
-
-    def source(name, kind, lam, seed, accuracy, weights=None):
-        interval = [accuracy - 0.1, accuracy + 0.1] if name in "ab" else None
-        result = {"matching": {"accuracy": accuracy, "accuracy_ci": interval, "margin_nats": 0.1,
-                               "lexical": {"accuracy": 0.2}},
-                  "sensitivity": {"nats_per_token": 0.2}, "probe": {"best_auroc": 0.8}}
-        return {"name": name, "kind": kind, "lambda": lam, "seed": seed, "response_weight": weights or {},
-                "data": {"c.jsonl": result}}
-
-    report = {"settings": {"data": ["c.jsonl"]},
-              "sources": [source("a", "adapter", 1.0, 42, 0.5), source("b", "adapter", 1.0, 7, 0.7),
-                          source("c", "adapter", 0.0, 42, 0.25), source("w", "adapter", 1.0, 42, 0.9, {"harmful": 0}),
-                          source("base", "base", None, None, 0.3)]}
-    table = study_tables(report).splitlines()[:9]  # the first table: title, blank, header, rule, 5 rows
-    assert table[2] == "| arm | λ | seed 42 | seed 7 | mean | ± half-range | 95% CI |"
-    assert table[4:] == ["| plain | 0 | 0.250 | - | 0.250 | - | - |",
-                         "| plain | 1 | 0.500 | 0.700 | 0.600 | 0.100 | [0.400, 0.800] |",
-                         "| witness-only | 1 | 0.900 | - | 0.900 | - | - |", "| base | - | - | - | 0.300 | - | - |",
-                         "| words only | - | - | - | 0.200 | - | - |"]
+    assert "matching Δ" in text and "base (adapter disabled)" in text and "matching on 6 pairs" in text
 
 
 # ---- eval and analyze read a file alike: same rows kept, same counts printed, same refusal ----------------------
@@ -301,15 +283,13 @@ def test_eval_and_analyze_keep_drop_and_count_the_same_rows(random_model_dir, fl
                               "rows_trimmed": 0, "max_seq_len": 64}
     # p0 and p1 measured; p2 lost its harmful side at reading; p3's witnesses cannot follow each other's response
     assert result["matching"]["pairs"] == 2 and result["matching"]["dropped"] == {"incomplete": 1, "too_long": 1}
-    # p3's helpful witness after p3's long harmful response (its only partner in domain "long") is too long
-    assert result["sensitivity"]["rows"] == 6
-    assert result["sensitivity"]["dropped"] == {"no_partner": 0, "too_long": 1}
-    assert result["probe"]["rows"] == 7
+    # sensitivity swaps each response with its true partner: the same pairs as matching, both witnesses of each
+    assert result["sensitivity"]["n"] == 4 and result["sensitivity"]["dropped"] == result["matching"]["dropped"]
+    assert "skipped" in result["probe"]  # 4 helpful, 3 harmful rows: too few to split
     assert main(["analyze", str(model), "--data", str(flawed_file), "--folds", "3", "--bootstrap", "50"]) == 0
     text = capsys.readouterr().out
     assert "9 rows read: 7 kept, 1 invalid, 1 too long (data.max_seq_len 64), 0 trimmed" in text
-    assert "2 pairs (chance 0.25; dropped: 1 incomplete, 1 too long)" in text
-    assert "sensitivity on 6 rows, nats per witness token; dropped: 1 too long" in text
+    assert "matching on 2 pairs (4 witnesses; dropped: 1 incomplete, 1 too long)" in text
 
 
 def test_eval_and_analyze_refuse_an_invalid_row_alike(random_model_dir, flawed_file, tmp_path, capsys):
