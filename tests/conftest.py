@@ -69,6 +69,18 @@ def pytest_terminal_summary(terminalreporter, config):
         terminalreporter.write_line(f"{o + c:8.1f}s cpu {o:8.1f} own {c:8.1f} children  {nodeid}")
 
 
+# Under xdist (`--dist loadfile`) a worker takes the next whole file when it is free: the longest files go first
+# so that no long one starts last while the other worker idles (CPU seconds measured in docs/testing.md).
+LONGEST_FIRST = ("test_distributed.py", "test_bench.py", "test_train_safety.py", "test_train.py",
+                 "test_integrity.py", "test_cli_errors.py", "test_export.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def qwen_tokenizer():
     from tear_lora.tiny import qwen3_tokenizer
