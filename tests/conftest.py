@@ -71,8 +71,8 @@ def pytest_terminal_summary(terminalreporter, config):
 
 # Under xdist (`--dist loadfile`) a worker takes the next whole file when it is free: the longest files go first
 # so that no long one starts last while the other worker idles (CPU seconds measured in docs/testing.md).
-LONGEST_FIRST = ("test_distributed.py", "test_bench.py", "test_train_safety.py", "test_train.py",
-                 "test_integrity.py", "test_cli_errors.py", "test_export.py", "test_evaluate.py")
+LONGEST_FIRST = ("test_distributed.py", "test_analyze.py", "test_train_safety.py", "test_train.py", "test_evaluate.py",
+                 "test_export.py", "test_integrity.py", "test_cli_errors.py", "test_packing.py")
 
 
 def pytest_collection_modifyitems(config, items):
