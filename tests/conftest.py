@@ -9,8 +9,76 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under `pytest -n N` (scripts/test.sh: xdist) N worker processes share the cores: each gets its share of torch's
+# threads (read when torch is first imported, after this), else 2 workers x 2 threads spin against each other.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# ---- --cpu-durations=N: CPU seconds per test (docs/testing.md) --------------------------------------------------
+# Wall time on a shared machine says more about the neighbours than about a test; the CPU seconds a test spends
+# (its process, and the child processes it waited for) do not. Works under xdist: each worker reports its own.
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=None, metavar="N",
+                     help="show the N tests that used the most CPU seconds (own process + waited children)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if item.config.getoption("cpu_durations") is None or not hasattr(item, "_cpu_end"):
+        return
+    report, begin, end = outcome.get_result(), item._cpu_begin, item._cpu_end
+    own = end.user - begin.user + end.system - begin.system
+    children = end.children_user - begin.children_user + end.children_system - begin.children_system
+    report.user_properties.append(("cpu", (round(own, 2), round(children, 2))))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def _phase(item):
+    item._cpu_begin, item._cpu_end = os.times(), None
+    yield
+    item._cpu_end = os.times()
+
+
+pytest_runtest_setup = pytest_runtest_call = pytest_runtest_teardown = _phase
+_CPU: dict[str, list[float]] = {}
+
+
+def pytest_runtest_logreport(report):
+    for _, (own, children) in (v for v in report.user_properties if v[0] == "cpu"):
+        totals = _CPU.setdefault(report.nodeid, [0.0, 0.0])
+        totals[0] += own
+        totals[1] += children
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    n = config.getoption("cpu_durations")
+    if n is None or not _CPU:
+        return
+    rows = sorted(_CPU.items(), key=lambda kv: -sum(kv[1]))
+    own, children = sum(v[0] for v in _CPU.values()), sum(v[1] for v in _CPU.values())
+    terminalreporter.write_sep("=", f"CPU seconds per test: {own + children:.0f} s in all ({own:.0f} s in pytest "
+                                    f"processes, {children:.0f} s in child processes), {len(rows)} tests")
+    for nodeid, (o, c) in rows[:n] if n else rows:
+        terminalreporter.write_line(f"{o + c:8.1f}s cpu {o:8.1f} own {c:8.1f} children  {nodeid}")
+
+
+# Under xdist (`--dist loadfile`) a worker takes the next whole file when it is free: the longest files go first
+# so that no long one starts last while the other worker idles (CPU seconds measured in docs/testing.md).
+LONGEST_FIRST = ("test_distributed.py", "test_analyze.py", "test_train_safety.py", "test_train.py", "test_evaluate.py",
+                 "test_export.py", "test_integrity.py", "test_cli_errors.py", "test_packing.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")

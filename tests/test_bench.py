@@ -68,6 +68,7 @@ def test_bench_train_tiny_runs_both_trainers(tmp_path):
     assert stock["token_nll"] == stock["train_loss"] and tear["token_nll"] == pytest.approx(stock["token_nll"], rel=0.01)
 
 
+@pytest.mark.slow  # ~185 CPU s, a dozen Python processes (docs/testing.md): run with -m slow before a GPU slot
 def test_gpu_suite_smoke_runs_every_stage_end_to_end(tmp_path):
     """`gpu_suite.sh --device cpu --smoke`: every stage the GPU run has, on tiny shapes, down to the markdown page,
     so the one GPU command cannot rot between GPU runs; and a smoke run writes nothing into docs/bench."""

@@ -66,16 +66,19 @@ def test_recipe_refuses_escaping_run_dirs_with_key_and_line(tmp_path, key, value
     assert f"'{message}'" in str(err.value) and str(recipe) in str(err.value)
 
 
-def test_cli_train_escape_is_refused_and_nothing_is_deleted(tmp_path):
-    """Regression: run_name '..' with overwrite used to rmtree the parent of adapters/ (the project)."""
+def test_cli_train_escape_is_refused_and_nothing_is_deleted(tmp_path, monkeypatch, capsys):
+    """Regression: run_name '..' with overwrite used to rmtree the parent of adapters/ (the project). In-process
+    (`main`): the exit status of a real process is test_user_files.py::test_train_cli_process_exits_2_in_one_line."""
+    from tear_lora.cli import main
+
     canary = REPO / "adapters" / "README.md"
     before = canary.read_bytes()
+    monkeypatch.chdir(REPO)
     for override in ("output.run_name=..", "output.run_name=.", "output.dir=/"):
-        result = subprocess.run([sys.executable, "-m", "tear_lora.cli", "train", str(REPO / "recipes/tiny-cpu.yaml"),
-                                 "--set", override, "--set", "output.overwrite=true"], capture_output=True,
-                                text=True, timeout=120, cwd=REPO)
-        assert result.returncode == 2, result.stderr
-        assert "Traceback" not in result.stderr and override.split("=")[0] in result.stderr
+        code = main(["train", str(REPO / "recipes/tiny-cpu.yaml"), "--set", override, "--set", "output.overwrite=true"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert "Traceback" not in err and override.split("=")[0] in err
     assert canary.read_bytes() == before and (REPO / ".git").exists() and (REPO / "tear_lora").is_dir()
 
 

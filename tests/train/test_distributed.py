@@ -1,7 +1,8 @@
 """Two processes on CPU (torchrun over gloo, DDP or FSDP2) train exactly what one process trains with the same
 window, through the Trainer and through `tear-lora train`.
 
-About two minutes on 2 cores: each launch starts two Python processes that import torch and transformers.
+About 390 CPU seconds with the slow DDP run, 255 without (docs/testing.md): each launch starts a launcher and two
+Python processes that import torch and transformers.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def three_steps(tmp_path_factory, tiny_model_dir):
                      / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+# DDP's run is slow-only (-m slow; ~130 CPU s, docs/testing.md): FSDP's run goes through the same CLI, overwrite,
+# rank-0-only writes and resume under two processes, and DDP's exactness is the fast tests above.
+@pytest.mark.parametrize("fsdp", [pytest.param(False, marks=pytest.mark.slow), True], ids=["ddp", "fsdp"])
 def test_torchrun_cli_replaces_a_run_and_resumes(tmp_path, tiny_model_dir, three_steps, fsdp):
     """`torchrun -m tear_lora.cli train` with overwrite replaces a previous run (only rank 0 touches the run dir);
     after two steps with a checkpoint each, `--resume` under two processes continues to the same adapter as one

@@ -134,12 +134,18 @@ print(json.dumps([sums[0] / counts[0], sums[1] / counts[1]]))
     assert witness == pytest.approx(meta["metrics"]["eval_witness_loss"], abs=1e-4)
 
 
-def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir):
-    recipe = write_recipe(tmp_path, tiny_model_dir, "twice", max_steps=1, save_strategy="no")
-    finish(tear_lora("train", recipe))
-    again = tear_lora("train", recipe)
-    out, _ = again.communicate(timeout=300)
-    assert again.returncode == 2 and "already holds a finished tear_lora adapter" in out and "Traceback" not in out
+def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir, capsys):
+    """In-process (`main`); a real process's exit 2 is test_user_files.py::test_train_cli_process_exits_2_in_one_line."""
+    from tear_lora.cli import main
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, "twice", evaluate=False, max_steps=1, save_strategy="no")
+    assert main(["train", str(recipe)]) == 0
+    before = (tmp_path / "adapters/twice/adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a finished tear_lora adapter" in err and "Traceback" not in err
+    assert (tmp_path / "adapters/twice/adapter_model.safetensors").read_bytes() == before
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir):

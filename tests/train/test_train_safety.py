@@ -6,8 +6,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -85,12 +83,16 @@ def test_overwrite_keeps_the_previous_run_until_the_new_one_finishes(tmp_path, t
     assert json.loads((run_dir / "training_args.json").read_text())["learning_rate"] == 5e-2
 
 
-def test_second_writer_on_the_same_run_is_refused_naming_the_holder(tmp_path, tiny_model_dir):
+def test_second_writer_on_the_same_run_is_refused_naming_the_holder(tmp_path, tiny_model_dir, capsys):
+    """flock conflicts between two open files even in one process, so `main` in-process meets the held lock as
+    another process would (two real processes: tests/test_rundir.py's lock test)."""
+    from tear_lora.cli import main
+
     recipe = write_recipe(tmp_path, tiny_model_dir, "busy", max_steps=1)
     with exclusive_lock(lock_path_for(tmp_path / "adapters/busy"), "run dir"):
-        result = subprocess.run([sys.executable, "-m", "tear_lora.cli", "train", str(recipe)], capture_output=True,
-                                text=True, timeout=300)
-    assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr and "Traceback" not in result.stderr
+        assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in err and "Traceback" not in err
     assert not (tmp_path / "adapters/busy").exists()
 
 
