@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tear_lora.rundir import atomic_write_text
+from tear_lora.rundir import atomic_write_text, read_json
 
 
 def write_bundle_card(bundle_dir: Path, name: str | None = None) -> Path:
@@ -15,9 +15,9 @@ def write_bundle_card(bundle_dir: Path, name: str | None = None) -> Path:
 
     bundle_dir = Path(bundle_dir)
     name = name or bundle_dir.name
-    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest = read_json(bundle_dir / "bundle.json")
     verify_path = bundle_dir / "verify.json"
-    verified = json.loads(verify_path.read_text()) if verify_path.exists() else None
+    verified = read_json(verify_path) if verify_path.exists() else None
     entries = manifest["adapters"]
     rows = []
     for i, e in enumerate(entries):

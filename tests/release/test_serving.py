@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tear_lora.cli import main
-from tear_lora.release.bundle import BUNDLE_FILE, not_a_bundle, untie, write_plain_lora
+from tear_lora.release.bundle import BUNDLE_FILE, public_meta, untie, write_plain_lora
+from tear_lora.rundir import foreign_reason
 
 from ..release_helpers import trained_pair
 
@@ -78,7 +79,7 @@ def test_bundle_layout_and_manifest(bundled, pair):
     assert manifest["kind"] == "tear_lora-bundle" and manifest["base"] == "base" and manifest["base_gguf"] is None
     assert [e["lambda"] for e in manifest["adapters"]] == [0.0, 2.0]
     for entry, source in zip(manifest["adapters"], (pair["a"], pair["b"])):
-        assert entry["tear_lora"] == json.loads((source / "tear_lora.json").read_text())
+        assert entry["tear_lora"] == public_meta(json.loads((source / "tear_lora.json").read_text()))
         config = json.loads((bundled / entry["peft_dir"] / "adapter_config.json").read_text())
         assert config["trainable_token_indices"] is None and {"lm_head", "model.embed_tokens"} <= set(config["target_modules"])
     base_config = json.loads((bundled / "base" / "config.json").read_text())
@@ -87,6 +88,10 @@ def test_bundle_layout_and_manifest(bundled, pair):
     assert {151_672, 151_674} <= set(stops)  # <|/response|>, <|/witness|>
     card = (bundled / "README.md").read_text()
     assert "--enable-lora" in card and "pair-lambda2" in card and not_a_bundle(bundled) is None
+
+
+def not_a_bundle(directory):
+    return foreign_reason(directory, "bundle", BUNDLE_FILE, legacy=True)
 
 
 def test_verify_figures(bundled):
@@ -139,7 +144,7 @@ def test_foreign_out_dir_untouched(pair, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main(["bundle", str(pair["a"]), "--out", str(out)]) == 2
-    assert "not a complete tear-lora bundle" in capsys.readouterr().err
+    assert "is not a finished tear_lora bundle" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
