@@ -226,7 +226,7 @@ def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port:
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with LlamaServer(command, host, port, log=sys.stderr, env=env, stop_requested=lambda: bool(received)) as server:
+        with LlamaServer(command, host, port, log=2, env=env, stop_requested=lambda: bool(received)) as server:  # its log: our stderr
             print(f"llama-server on {server.url}: base {manifest['base_gguf']}, {len(manifest['adapters'])} "
                   f"adapters{' (clients send the API key)' if key else ''} (Ctrl-C stops it)")
             for line in example_requests(server.url, manifest, api_key=bool(key)):
