@@ -120,8 +120,12 @@ def json_safe(value: Any) -> Any:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half."""
+    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half.
+    A directory or a symlink at `path` is the user's, not a file of ours to replace: refused (RunDirError)."""
     path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        raise RunDirError(f"{path} is a {'symlink' if path.is_symlink() else 'directory'}; nothing was changed: "
+                          "give the path of a file to write")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
