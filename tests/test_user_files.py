@@ -95,6 +95,7 @@ class Writer:
     run: Callable                    # (ctx, target) -> exit status
     refusal: str = ""                # words its refusal of a user's directory names
     needs: tuple = ()                # importable modules, else skipped
+    lookalike: bool = True           # plant a tear_lora.json of the user's own (sweep reads it and refuses first)
 
 
 def _cli(*args):
@@ -115,7 +116,8 @@ WRITERS = {
     "train": Writer("D/qwen3-base", "tmp", _cli("train", "{recipe}", "--set", "output.overwrite=true"),
                     "not a finished tear_lora adapter"),
     "sweep": Writer("D/qwen3-base-lambda0", "tmp", _cli("sweep", "{recipe}", "--lambdas", "0", "--set",
-                                                        "output.overwrite=true")),  # refused as its metadata is read
+                                                        "output.overwrite=true"), "not a finished tear_lora adapter",
+                    lookalike=False),
     "data prepare": Writer("prepared", "build", _cli("data", "prepare", "{eval}", "--recipe", "{recipe}", "--out",
                                                      "{target}", "--overwrite"), "not a finished tear_lora processed data"),
     "merge": Writer("models/m", "merge", _cli("merge", "{a}", "--out", "{target}", "--overwrite"),
@@ -172,7 +174,8 @@ def test_at_a_users_directory(name, ctx, tmp_path, capsys):
     tear_lora.json / manifest.json of their own. Exit 2, one line naming it, every byte as it was."""
     writer, target = _row(name, tmp_path)
     plant_canaries(target, manifest=True)
-    (target / "tear_lora.json").write_text('{"format_version": 2, "merged": {}}')  # even one that looks like ours
+    if writer.lookalike:
+        (target / "tear_lora.json").write_text('{"format_version": 2, "merged": {}}')  # even one that looks like ours
     before = snapshot(target)
     assert writer.run(ctx, target) == 2
     one_line_error(capsys, target, writer.refusal)
@@ -226,7 +229,7 @@ def test_siblings_with_our_prefix_are_never_touched(name, ctx, tmp_path, capsys)
     writer, target = _row(name, tmp_path)
     if name.startswith("scripts/"):  # its own temp dirs live inside the cache: a cache first
         assert writer.run(ctx, target) == 0
-        where, prefixes = target, [".dl.mybackup", ".dl.XXXXXX", ".build.mine"]
+        where, prefixes = target, [".dl.mybackup", ".dl.XXXXXX", ".build.mine", "bin/mytool"]  # bin/: beside its binary
         rerun = {"LLAMA_CPP_PYTHON_VERSION": "9.9"}
     else:
         where, rerun = target.parent, None
