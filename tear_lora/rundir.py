@@ -1,6 +1,6 @@
 """Safe writing: every file and directory tear_lora writes goes through here.
 
-Four promises, each kept by one piece of this module:
+Five promises, each kept by one piece of this module:
 - Nothing lands outside where it belongs: run names are plain names, and output roots may not be `/`, the
   home directory, the project or an ancestor of them (`check_run_name`, `unsafe_root_reason`).
 - A reader never sees half a file or half a directory: files are written to a temp name and renamed
@@ -10,7 +10,11 @@ Four promises, each kept by one piece of this module:
 - One writer at a time: `exclusive_lock` holds an `fcntl.flock` for the whole job and names the holder; the
   lock file is opened with O_NOFOLLOW, so a planted symlink cannot make us truncate its target.
 - Nothing of the user's is replaced: `check_replaceable` is the one rule every verb that writes a directory
-  applies before it starts (a finished output of ours of the same kind, and only with overwrite).
+  applies before it starts (a finished output of ours of the same kind, and only with overwrite); `swap_in`
+  applies it again at the swap (the old directory aside, compared with what was checked, put back if anything
+  was added); `temp_sibling` never removes a name it did not just make; `replacing` is the whole rule around a
+  build. docs/reliability.md states it; tests/test_user_files.py holds every writer to it.
+- What we read back cannot crash us: `read_json` bounds the nesting of every JSON file we read.
 
 Longer than 350 lines because the four promises are kept by one set of primitives (temp siblings, completion
 markers, locks): every writing verb needs all of them, and one module is the one place to audit them.
