@@ -16,7 +16,7 @@ Five promises, each kept by one piece of this module:
   build. docs/reliability.md states it; tests/test_user_files.py holds every writer to it.
 - What we read back cannot crash us: `read_json` bounds the nesting of every JSON file we read.
 
-Longer than 350 lines because the four promises are kept by one set of primitives (temp siblings, completion
+Longer than 350 lines because the five promises are kept by one set of primitives (temp siblings, completion
 markers, locks): every writing verb needs all of them, and one module is the one place to audit them.
 
 Plain stdlib: none of the libraries we build on offers these for directories (safetensors and HF write
