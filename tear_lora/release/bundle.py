@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from tear_lora.metadata import AdapterError, public_name, read_metadata, same_base
-from tear_lora.rundir import atomic_write_json, check_run_name, replacing, usual_permissions, write_complete_marker
+from tear_lora.rundir import (
+    atomic_write_json,
+    atomic_write_text,
+    check_run_name,
+    replacing,
+    usual_permissions,
+    write_complete_marker,
+)
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_KIND = "tear_lora-bundle"  # bundle.json's own kind field
@@ -174,6 +181,9 @@ def write_plain_lora(model, adapter_dir: Path, out_dir: Path, base_path: str) ->
             b[ids_out, torch.arange(len(ids_out))] = 1.0
         peft_model.peft_config["default"].base_model_name_or_path = base_path
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+        loaded, card = getattr(model, "name_or_path", None), out_dir / "README.md"
+        if loaded and card.is_file():  # PEFT's card names the base as loaded (the user's path): the bundle's base/
+            atomic_write_text(card, card.read_text(encoding="utf-8").replace(str(loaded), base_path))
     finally:
         peft_model.unload()  # the LoRA layers out again: `model` is the serving base for the next adapter
     return {"r": rank, "lora_alpha": trained.lora_alpha, "trained_r": trained.r, "tag_ids": ids_in}

@@ -192,9 +192,10 @@ def test_bundle_publishes_the_base_by_name_and_weights_with_the_usual_modes(bund
 
 def test_a_merged_dir_is_refused_in_one_line(pair, tmp_path, capsys):
     """Issue 28 case 8: `bundle` given a merged directory raised a ValueError traceback."""
-    merged = _altered(pair["a"], tmp_path, merged={"adapter": "x", "base_weights": "dequantized", "dtype": "fp32"})
+    merged = _altered(pair["a"], tmp_path)
     meta = json.loads((merged / "tear_lora.json").read_text())
     meta.pop("files")
+    meta["merged"] = {"adapter": "x", "base_weights": "dequantized", "dtype": "fp32"}
     (merged / "tear_lora.json").write_text(json.dumps(meta))
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         (merged / name).unlink()
