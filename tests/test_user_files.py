@@ -126,6 +126,9 @@ WRITERS = {
                                                      "f16"), "not a finished tear_lora merge output", ("conversion",)),
     "bundle": Writer("served", "bundle", _cli("bundle", "{a}", "{b}", "--out", "{target}", "--overwrite"),
                      "not a finished tear_lora bundle"),
+    "analyze --report": Writer("report", "report", _cli("analyze", "{a}", "--data", "{contrast}", "--bootstrap", "10",
+                                                        "--folds", "2", "--report", "{target}", "--overwrite"),
+                               "not a finished tear_lora analyze report"),
     "split-domains": Writer("split", "split", _cli("split-domains", "{eval}", "--hold-out", "code", "--out",
                                                    "{target}", "--overwrite"), "not a finished tear_lora domain split"),
     "scripts/build_llama_server.sh": Writer("llama", "dl", _build_script, "has no .tear_lora_llama_cache"),
@@ -154,8 +157,9 @@ def ctx(request, tmp_path, recipe_file):
     fake_pip = tmp_path / "fake-python"
     fake_pip.write_text(FAKE_PIP)
     fake_pip.chmod(0o755)
-    found = {"recipe": str(recipe_file), "eval": str(REPO / "data/raw/eval.jsonl"), "fake_pip": fake_pip}
-    if any(n in request.node.name for n in ("merge", "bundle")):
+    found = {"recipe": str(recipe_file), "eval": str(REPO / "data/raw/eval.jsonl"), "fake_pip": fake_pip,
+             "contrast": str(REPO / "data/raw/contrast.jsonl")}
+    if any(n in request.node.name for n in ("merge", "bundle", "analyze")):
         trained = request.getfixturevalue("pair")
         found.update(a=str(trained["a"]), b=str(trained["b"]))
     return found
