@@ -15,6 +15,8 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RUN=adapters/demo-cpu
 MERGED=models/demo-cpu-merged
 EVAL=data/raw/eval.jsonl
+EVAL_JSON="$RUN-eval.json"  # beside the run dir, not in it: a file of ours added there would make the next
+                            # `train --set output.overwrite=true` refuse to replace it (docs/reliability.md)
 
 echo "== 1/6 demo model"
 python scripts/make_demo_model.py
@@ -23,8 +25,8 @@ echo "== 2/6 train: $(grep -c . data/raw/consequences.jsonl) triples, recipes/de
 tear-lora train recipes/demo-cpu.yaml --set output.overwrite=true
 
 echo "== 3/6 held-out NLL: base (adapter disabled) vs adapter"
-tear-lora eval "$RUN" --data "$EVAL" --json > "$RUN/eval.json"
-python -c "import json,sys; from tear_lora.study.evaluate import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$RUN/eval.json"
+tear-lora eval "$RUN" --data "$EVAL" --json > "$EVAL_JSON"
+python -c "import json,sys; from tear_lora.study.evaluate import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$EVAL_JSON"
 
 echo "== 4/6 merge into the dequantized base, verify against 4-bit base + adapter"
 # DEMO_GGUF=f16 (or f16,q8_0) also writes llama.cpp / Ollama GGUFs and verifies them; off by default: it adds
@@ -41,7 +43,7 @@ PY
 done
 
 echo "== 6/6 summary"
-tear-lora report "$RUN" --eval-json "$RUN/eval.json" --verify-json "$MERGED/verify.json"
+tear-lora report "$RUN" --eval-json "$EVAL_JSON" --verify-json "$MERGED/verify.json"
 python - "$MERGED" "$RUN" <<'PY'
 import json, sys
 from pathlib import Path

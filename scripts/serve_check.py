@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     from tear_lora.adapters import adapter_recipe
     from tear_lora.data import template
     from tear_lora.data.tokens import RESPONSE_CLOSE
-    from tear_lora.release.bundle import bundle, not_a_bundle
+    from tear_lora.release.bundle import BundleError, bundle
+    from tear_lora.release.bundle_manifest import read_bundle
     from tear_lora.release.llama_server import LlamaServer, find_llama_server, lora_field, server_command
     from tear_lora.release.merge import generation_config, load_merge_base, merge_into
     from tear_lora.train.model import load_tokenizer_for
@@ -106,8 +107,10 @@ def main(argv=None) -> int:
     result: dict = {"adapters": [str(a) for a in adapters]}
     binary = find_llama_server()
     started = time.perf_counter()
-    if not args.out.is_dir() or not_a_bundle(args.out):
-        bundle(adapters, args.out, gguf="f16", dtype="fp32", verify_rows=4)
+    try:
+        read_bundle(args.out)
+    except BundleError:  # none yet, or not a complete one: (re)made; a directory not ours is refused, untouched
+        bundle(adapters, args.out, gguf="f16", dtype="fp32", verify_rows=4, overwrite=True)
     result["bundle_s"] = round(time.perf_counter() - started, 1)
     manifest = json.loads((args.out / "bundle.json").read_text())
     verified = json.loads((args.out / "verify.json").read_text())

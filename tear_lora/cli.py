@@ -19,7 +19,7 @@ from pathlib import Path
 from tear_lora.data.prepare import DataError
 from tear_lora.metadata import AdapterError
 from tear_lora.recipe import RecipeError, load_recipe
-from tear_lora.rundir import RunDirError, json_safe
+from tear_lora.rundir import RunDirError, json_safe, read_json
 from tear_lora.study.generate import DEFAULT_MAX_NEW_TOKENS
 from tear_lora.train.model import ModelLoadError
 
@@ -106,7 +106,7 @@ def _emit(payload, as_json: bool, text) -> None:
 
 def _read_json(path: str, flag: str):
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return read_json(path)
     except (OSError, ValueError) as e:
         raise DataError(f"{flag} {path}: unreadable JSON ({e})") from None
 
@@ -126,7 +126,7 @@ def cmd_merge(args) -> int:
         print(f"  Ollama: cd {out} && ollama create <name> -f Modelfile   (llama.cpp commands: {out}/README.md)")
     if not args.verify:
         return 0
-    r = json.loads((out / "verify.json").read_text())  # verified inside the merge, before the output was marked complete
+    r = read_json(out / "verify.json")  # verified inside the merge, before the output was marked complete
     print(f"verify, {r['rows']} rows / {r['positions']} positions: max |Δlogit| {r['max_abs_logit']:.3g}, mean KL "
           f"{r['mean_kl']:.3g}, top-1 agreement {r['top1_agreement']:.4f}: "
           f"{'within' if r['passed'] else 'BEYOND'} tolerance {r['tolerance']}")
@@ -141,8 +141,8 @@ def cmd_bundle(args) -> int:
 
     out = bundle(args.adapters, args.out, gguf=args.gguf, dtype=args.dtype, base=args.base,
                  trust_remote_code=args.trust_remote_code, verify_rows=args.rows if args.verify else None,
-                 verify_data=args.data)
-    manifest = json.loads((out / "bundle.json").read_text())
+                 verify_data=args.data, overwrite=args.overwrite)
+    manifest = read_json(out / "bundle.json")
     print(f"bundle of {len(manifest['adapters'])} adapters -> {out} (base {out / manifest['base']}"
           + (f", {out / manifest['base_gguf']}" if manifest["base_gguf"] else "") + ")")
     for e in manifest["adapters"]:
@@ -150,7 +150,7 @@ def cmd_bundle(args) -> int:
     print(f"  serving commands: {out / 'README.md'}" + (f"; or: tear-lora serve {out}" if manifest["base_gguf"] else ""))
     if not args.verify:
         return 0
-    r = json.loads((out / "verify.json").read_text())  # verified in the build dir, before the marker
+    r = read_json(out / "verify.json")  # verified in the build dir, before the marker
     for name, check in r["adapters"].items():
         gguf = check.get("gguf")
         print(f"verify {name}, {r['rows']} rows / {check['positions']} positions vs its merged model: max |Δlogit| "
@@ -165,10 +165,11 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tear_lora.release.bundle import read_bundle
+    """Exit 130 / 143 once stopped by SIGINT / SIGTERM (llama-server stopped and waited for), 2 user error."""
+    from tear_lora.release.bundle_manifest import read_bundle
     from tear_lora.release.llama_server import serve
 
-    return serve(args.bundle, read_bundle(args.bundle), args.host, args.port)
+    return serve(args.bundle, read_bundle(args.bundle), args.host, args.port, args.api_key, args.api_key_file)
 
 
 def _gguf_outtypes(value: str) -> list[str]:
@@ -360,8 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("bundle", help="adapters of one base -> one serving base + a plain LoRA per adapter "
                          "(llama-server, vLLM: every lambda on one server, chosen per request)")
     p.add_argument("adapters", nargs="+", help="adapter dirs trained on one base (adapters/<run>)")
-    p.add_argument("--out", required=True, help="output dir: new, empty, or a previous complete bundle "
-                   "(replaced only once the new one is complete)")
+    p.add_argument("--out", required=True, help="output dir: new, empty, or (with --overwrite) a previous "
+                   "bundle (replaced only once the new one is complete)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out holding a finished bundle (anything "
+                   "else there is never replaced)")
     p.add_argument("--gguf", choices=("f16", "q8_0"), help="also write the base and each LoRA as llama.cpp GGUF "
                    "(needs the [gguf] extra and scripts/build_llama_server.sh for llama.cpp's LoRA converter)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="serving base dtype (default bf16)")
@@ -374,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="a `tear-lora bundle --gguf` output dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key-file", help="file holding the key clients must send (Authorization: Bearer); needed "
+                   "for a --host beyond this machine")
+    p.add_argument("--api-key", help="the key itself (visible in your shell history: prefer --api-key-file)")
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("generate", help="generate a response, then its witness (or only the witness)")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tear_lora.rundir import atomic_write_json, check_run_name
+from tear_lora.rundir import atomic_write_json, check_run_name, load_json, read_json
 
 METADATA_FILE = "tear_lora.json"
 # 2: adds "files" (sha256 + size of HASHED_FILES). 1 is still read: those adapters predate the hashes, and
@@ -178,7 +178,7 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise AdapterError(f"{directory}: not a tear_lora dir (no {METADATA_FILE})")
     try:
-        metadata = json.loads(path.read_text(encoding="utf-8"))
+        metadata = read_json(path)
     except (OSError, ValueError) as e:
         raise AdapterError(f"{path}: unreadable, truncated or corrupt ({e}); copy the directory again") from None
     version = metadata.get("format_version") if isinstance(metadata, dict) else None
@@ -207,7 +207,7 @@ def field_problem(metadata: dict[str, Any]) -> str | None:
     problem = check_run_name(metadata.get("run_name"))
     if problem:
         return f"run_name {metadata.get('run_name')!r} {problem}"
-    for key_path, value in _strings(metadata, ""):
+    for key_path, value in strings(metadata, ""):
         if CONTROL_CHARACTERS.search(value):
             return f"{key_path} holds a control character ({value[:40]!r})"
     lam = metadata.get("lambda")
@@ -222,17 +222,17 @@ def field_problem(metadata: dict[str, Any]) -> str | None:
     return None
 
 
-def _strings(value: Any, prefix: str):
+def strings(value: Any, prefix: str):
     """(key path, string) for every string value, and every key, at any depth."""
     if isinstance(value, str):
         yield prefix or "(top level)", value
     elif isinstance(value, dict):
         for key, item in value.items():
             yield f"{prefix}.{key}".lstrip(".") + " (key)", str(key)
-            yield from _strings(item, f"{prefix}.{key}".lstrip("."))
+            yield from strings(item, f"{prefix}.{key}".lstrip("."))
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            yield from _strings(item, f"{prefix}[{i}]")
+            yield from strings(item, f"{prefix}[{i}]")
 
 
 def check_adapter_files(adapter_dir: Path, metadata: dict[str, Any]) -> None:
@@ -269,7 +269,7 @@ def safetensors_problem(path: Path) -> str | None:
             length = int.from_bytes(f.read(8), "little")
             if size < 8 or length > size - 8:
                 return f"{size} bytes, shorter than its header (truncated)"
-            header = json.loads(f.read(length))
+            header = load_json(f.read(length).decode("utf-8"), path)
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except FileNotFoundError:
         return "missing"

@@ -1,6 +1,6 @@
 """Safe writing: every file and directory tear_lora writes goes through here.
 
-Four promises, each kept by one piece of this module:
+Five promises, each kept by one piece of this module:
 - Nothing lands outside where it belongs: run names are plain names, and output roots may not be `/`, the
   home directory, the project or an ancestor of them (`check_run_name`, `unsafe_root_reason`).
 - A reader never sees half a file or half a directory: files are written to a temp name and renamed
@@ -10,9 +10,13 @@ Four promises, each kept by one piece of this module:
 - One writer at a time: `exclusive_lock` holds an `fcntl.flock` for the whole job and names the holder; the
   lock file is opened with O_NOFOLLOW, so a planted symlink cannot make us truncate its target.
 - Nothing of the user's is replaced: `check_replaceable` is the one rule every verb that writes a directory
-  applies before it starts (a finished output of ours of the same kind, and only with overwrite).
+  applies before it starts (a finished output of ours of the same kind, and only with overwrite); `swap_in`
+  applies it again at the swap (the old directory aside, compared with what was checked, put back if anything
+  was added); `temp_sibling` never removes a name it did not just make; `replacing` is the whole rule around a
+  build. docs/reliability.md states it; tests/test_user_files.py holds every writer to it.
+- What we read back cannot crash us: `read_json` bounds the nesting of every JSON file we read.
 
-Longer than 350 lines because the four promises are kept by one set of primitives (temp siblings, completion
+Longer than 350 lines because the five promises are kept by one set of primitives (temp siblings, completion
 markers, locks): every writing verb needs all of them, and one module is the one place to audit them.
 
 Plain stdlib: none of the libraries we build on offers these for directories (safetensors and HF write
@@ -29,6 +33,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,8 +124,12 @@ def json_safe(value: Any) -> Any:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half."""
+    """Write to a temp file in the same directory, fsync, rename over `path`: readers see old or new, never half.
+    A directory or a symlink at `path` is the user's, not a file of ours to replace: refused (RunDirError)."""
     path = Path(path)
+    if path.is_symlink() or path.is_dir():
+        raise RunDirError(f"{path} is a {'symlink' if path.is_symlink() else 'directory'}; nothing was changed: "
+                          "give the path of a file to write")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
@@ -174,43 +183,141 @@ def _ignore_missing():
 
 
 def temp_sibling(final: str | Path, kind: str = "tmp") -> Path:
-    """A fresh hidden sibling `.<name>.<kind>-<pid>` of `final` (same filesystem, so a rename is atomic)."""
+    """A fresh hidden sibling `.<name>.<kind>-<pid>` of `final` (same filesystem, so a rename is atomic), made by
+    this process: a name already taken (a leftover of an earlier process with our pid, or the user's) is never
+    removed or reused; a unique `.<name>.<kind>-<pid>-<random>` is made instead."""
     final = Path(final)
-    path = final.parent / f".{final.name}.{kind}-{os.getpid()}"
-    if path.exists():
-        shutil.rmtree(path)  # our own leftover: same name, same pid, so this process made it
     final.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir()
+    path = final.parent / f".{final.name}.{kind}-{os.getpid()}"
+    try:
+        path.mkdir()
+    except FileExistsError:
+        path = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{path.name}-"))
+        os.chmod(path, 0o777 & ~UMASK)  # mkdtemp makes 0700; the output gets the usual mode
     return path
 
 
 def stale_siblings(final: str | Path, kind: str = "tmp") -> list[Path]:
-    """Hidden siblings of `final` left by earlier processes (killed runs), newest first."""
+    """Hidden siblings of `final` named as `temp_sibling` names them (`.<name>.<kind>-<pid>[-<random>]`, real
+    directories), left by earlier processes (killed runs), newest first. Read only: nothing here deletes them."""
     final = Path(final)
-    found = [p for p in final.parent.glob(f".{final.name}.{kind}-*") if p.is_dir()]
+    ours = re.compile(rf"\.{re.escape(final.name)}\.{re.escape(kind)}-[0-9]+(-[A-Za-z0-9_]+)?")
+    found = [p for p in final.parent.glob(f".{final.name}.{kind}-*")
+             if ours.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
-def swap_in(built: Path, final: Path) -> None:
-    """Make the completely built directory `built` become `final`; the old `final` is deleted only afterwards.
+def note_leftovers(final: str | Path, kind: str, what: str) -> None:
+    """Say (stderr) which builds of killed earlier runs lie beside `final`: they are not ours to delete (another
+    process made them, and a user may have put files there), so the user decides."""
+    for stale in stale_siblings(final, kind):
+        print(f"note: {stale} is left from an earlier {what} that did not finish; delete it when you no longer "
+              "need it", file=sys.stderr)
 
-    rename(2) cannot replace a non-empty directory, so the old one is first renamed aside; if putting the new
-    one in place then fails, the old one is put back.
+
+def contents(directory: str | Path) -> dict[str, tuple]:
+    """Everything under `directory` (links not followed): relative path -> (type, size, mtime_ns) for files,
+    (type,) for directories, links and the rest: what `swap_in` compares with what was checked."""
+    found: dict[str, tuple] = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            kind = stat.S_IFMT(st.st_mode)
+            found[os.path.relpath(path, directory)] = (kind, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) \
+                else (kind,)
+    return found
+
+
+class Checked:
+    """What `check_replaceable` found at `path` (None: nothing there), so `swap_in` can tell whether anything
+    was added or changed since: the check and the swap may be hours apart."""
+
+    def __init__(self, path: Path, entries: dict[str, tuple] | None):
+        self.path, self.entries = path, entries
+
+    def change(self, now: dict[str, tuple]) -> str | None:
+        """The first entry added or changed since the check, as words (None when nothing was)."""
+        before = self.entries or {}
+        for name, entry in sorted(now.items()):
+            if name not in before:
+                return f"{name} was added"
+            if before[name] != entry:
+                return f"{name} was changed"
+        return None
+
+
+def swap_in(built: Path, final: Path, checked: Checked) -> None:
+    """Make the completely built directory `built` become `final`, re-checking `final` at the moment of the swap.
+
+    The old `final` is renamed aside (rename(2) cannot replace a non-empty directory) and compared with what
+    `check_replaceable` saw (`checked`): if anything was added or changed meanwhile (a NOTES.txt saved into it
+    while we built), it is put back as it was and RunDirError is raised. Only after that is the new one put in
+    place and the old one deleted; if putting the new one in place fails, the old one is put back.
     """
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
+    final = Path(final)
+    if Path(checked.path) != final:
+        raise ValueError(f"swap_in: {final} was not the directory checked ({checked.path})")
+    aside = None
+    if os.path.lexists(final):
+        if final.is_symlink() or not final.is_dir():
+            raise RunDirError(f"{final} became a file or a symlink while the new one was being built; nothing "
+                              "was replaced: move it away or choose another path, and run again")
+        aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-{os.getpid()}-"))
+        os.rename(final, aside)  # onto the empty directory mkdtemp made: atomic, and a name no one else holds
+        change = checked.change(contents(aside))
+        if change:
+            _put_back(aside, final)
+            raise RunDirError(f"{final} changed while the new one was being built ({change}); it was left as it "
+                              "is and nothing was replaced: move your files out of it or choose another path, "
+                              "and run again")
     try:
-        os.replace(built, final)
+        os.rename(built, final)
     except BaseException:
-        if old is not None:
-            os.replace(old, final)
+        if aside is not None:
+            _put_back(aside, final)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _put_back(aside: Path, final: Path) -> None:
+    try:
+        os.rename(aside, final)
+    except OSError as e:  # something was created at `final` in the moment it was away: keep both, say where
+        raise RunDirError(f"{final} was recreated while it was being replaced; the previous one is kept at "
+                          f"{aside}: nothing was deleted ({e.strerror})") from None
+
+
+# ---- reading JSON back -------------------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # deeper than anything we write (markers, metadata, manifests, bundle.json: under 8)
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of JSON `text` nest, counted without parsing (so without recursion)."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        depth += 1 if match.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def load_json(text: str, source: str | Path, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for every JSON file tear_lora reads back: nesting deeper than `max_depth` is refused in one
+    line (RunDirError naming `source`) before parsing; Python's parser would raise RecursionError, and every
+    reader that walks the result recursively would too. Other problems raise ValueError as json does."""
+    if json_depth(text) > max_depth:
+        raise RunDirError(f"{source}: JSON nested deeper than {max_depth} levels; tear_lora never writes that: "
+                          "not a file of ours, or damaged")
+    return json.loads(text)
+
+
+def read_json(path: str | Path, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`load_json` of a file (UTF-8)."""
+    return load_json(Path(path).read_text(encoding="utf-8"), path, max_depth)
 
 
 def write_complete_marker(directory: str | Path, info: dict | None = None, kind: str | None = None) -> Path:
@@ -226,7 +333,7 @@ def write_complete_marker(directory: str | Path, info: dict | None = None, kind:
 def read_marker(directory: str | Path) -> dict | None:
     """The completion marker of `directory` as a dict with a `files` dict, or None (absent or unreadable)."""
     try:
-        marker = json.loads((Path(directory) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        marker = read_json(Path(directory) / COMPLETE_MARKER)
     except (OSError, ValueError):
         return None
     return marker if isinstance(marker, dict) and isinstance(marker.get("files"), dict) else None
@@ -239,7 +346,7 @@ def incomplete_reason(directory: str | Path) -> str | None:
     if not marker.is_file():
         return f"no {COMPLETE_MARKER} marker (the write that made it did not finish)"
     try:
-        files = json.loads(marker.read_text())["files"]
+        files = read_json(marker)["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"unreadable {COMPLETE_MARKER} marker"
     for name, size in files.items():
@@ -255,11 +362,12 @@ def incomplete_reason(directory: str | Path) -> str | None:
 
 
 def check_replaceable(path: str | Path, kind: str, metadata_file: str, overwrite: bool, how_to_overwrite: str,
-                      also_ours: tuple[str, ...] = (), legacy: bool = False) -> None:
+                      also_ours: tuple[str, ...] = (), legacy: bool = False) -> Checked:
     """The rule every verb that writes a directory applies before it starts (train, sweep, data prepare, merge,
-    bundle): `path` may be created when absent or empty; an existing one is replaced only when it is a finished
-    output of ours of the same `kind` (a completion marker naming that kind, listing `metadata_file` and every
-    file there) and only with `overwrite`. Anything else raises RunDirError naming the path; nothing is touched.
+    bundle, split-domains): `path` may be created when absent or empty; an existing one is replaced only when it
+    is a finished output of ours of the same `kind` (a completion marker naming that kind, listing
+    `metadata_file` and every file there) and only with `overwrite`. Anything else raises RunDirError naming the
+    path; nothing is touched. Returns what was found, for `swap_in` to compare with at the swap.
 
     `also_ours`: names our own later verbs add in place (e.g. report's training_curves.png). `legacy`: accept a
     marker that names no kind (written before kinds were recorded) when it lists `metadata_file`.
@@ -271,8 +379,10 @@ def check_replaceable(path: str | Path, kind: str, metadata_file: str, overwrite
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise RunDirError(f"{path} is a file or a symlink, not a directory tear_lora made; nothing was changed: "
                           "choose another path")
-    if not path.exists() or not any(path.iterdir()):
-        return
+    if not path.exists():
+        return Checked(path, None)
+    if not any(path.iterdir()):
+        return Checked(path, {})
     reason = foreign_reason(path, kind, metadata_file, also_ours, legacy)
     if reason:
         raise RunDirError(f"{path} exists and is not a finished tear_lora {kind} ({reason}); nothing was changed: "
@@ -280,6 +390,29 @@ def check_replaceable(path: str | Path, kind: str, metadata_file: str, overwrite
     if not overwrite:
         raise RunDirError(f"{path} already holds a finished tear_lora {kind}; {how_to_overwrite} to replace it "
                           "(the old one is kept until the new one is complete), or choose another path")
+    return Checked(path, contents(path))
+
+
+@contextmanager
+def replacing(final: str | Path, kind: str, metadata_file: str, overwrite: bool, how_to_overwrite: str,
+              build_kind: str, legacy: bool = False):
+    """The whole rule for a verb that writes one directory, around the block that builds it: check `final`
+    (`check_replaceable`, before anything is made), lock it, check again under the lock, yield a fresh hidden
+    build dir made by this process; when the block ends normally, swap it in with the re-check at the swap
+    (`swap_in`); when it raises, delete the build dir (ours) and nothing else. Builds of killed earlier runs
+    are named, never deleted."""
+    final = Path(final)
+    check_replaceable(final, kind, metadata_file, overwrite, how_to_overwrite, legacy=legacy)
+    with exclusive_lock(lock_path_for(final), f"{kind} {final}"):
+        checked = check_replaceable(final, kind, metadata_file, overwrite, how_to_overwrite, legacy=legacy)
+        note_leftovers(final, build_kind, kind)
+        build = temp_sibling(final, build_kind)
+        try:
+            yield build
+            swap_in(build, final, checked)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
 
 
 def foreign_reason(path: Path, kind: str, metadata_file: str, also_ours: tuple[str, ...] = (),

@@ -52,6 +52,7 @@ def merged(pair, tmp_path_factory):
     source = Path(shutil.copytree(pair["a"], root / "leaky-adapter", ignore=NO_CHECKPOINTS))
     raw = yaml.safe_load((source / "recipe.yaml").read_text())
     raw["training"]["hub_token"] = SECRET
+    raw["training"]["model_init_kwargs"] = {"hooks": [{"api_key": SECRET + "-in-a-list"}]}  # issue 28, break (c)
     (source / "recipe.yaml").write_text(yaml.safe_dump(raw))
     return {"adapter": source, "out": export.merge(source, root / "models" / "merged", dtype="fp32")}
 
@@ -262,7 +263,9 @@ def test_merge_replaces_only_its_own_complete_output(merged, tmp_path, capsys):
     after = _snapshot(out)
     assert after.keys() == before.keys() and incomplete_reason(out) is None
     assert after["model.safetensors"][1] != before["model.safetensors"][1]  # really rewritten
-    assert sorted(p.name for p in out.parent.iterdir()) == [".m.lock", "m"]
+    # issue 28: another process made it (and a user may keep files there): named, never deleted
+    assert sorted(p.name for p in out.parent.iterdir()) == [".m.lock", ".m.merge-999999", "m"]
+    assert f"note: {killed_build} is left from an earlier merge output" in capsys.readouterr().err
 
 
 def test_merge_never_replaces_an_output_without_a_marker(merged, tmp_path, capsys):
@@ -311,7 +314,19 @@ def test_merge_output_holds_no_secret(merged):
     for path in merged["out"].rglob("*"):
         if path.is_file():
             assert SECRET.encode() not in path.read_bytes(), path
-    assert yaml.safe_load((merged["out"] / "recipe.yaml").read_text())["training"]["hub_token"] == "<masked>"
+    written = yaml.safe_load((merged["out"] / "recipe.yaml").read_text())["training"]
+    assert written["hub_token"] == "<masked>" and written["model_init_kwargs"]["hooks"] == [{"api_key": "<masked>"}]
+
+
+def test_merge_output_has_the_usual_modes(merged):
+    """Issue 28, break (b): safetensors writes 0600; without merge's usual_permissions the published weights
+    would be unreadable to the group and others (checked by dropping that call: this went red)."""
+    from tear_lora.rundir import UMASK
+
+    usual = 0o666 & ~UMASK
+    for path in merged["out"].rglob("*"):
+        if path.is_file() and path.name != ".tear_lora_complete":
+            assert path.stat().st_mode & 0o777 == usual, (path, oct(path.stat().st_mode))
 
 
 def test_verify_keeps_a_complete_output_complete(merged, pair, tmp_path):

@@ -4,7 +4,9 @@ read-only verbs free of TRL and the trainer."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +170,32 @@ def test_public_train_entry_point_is_the_runner():
     from tear_lora.train.runner import run as runner_run
 
     assert run is runner_run is tear_lora.train.run
+
+
+def _cli_verbs() -> set[str]:
+    """Every verb of `tear-lora`, nested ones as "data prepare"."""
+    from tear_lora.cli import build_parser
+
+    def choices(parser):
+        return next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+    verbs = set()
+    for name, sub in choices(build_parser()).items():
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        verbs |= {f"{name} {action}" for action in nested[0].choices} if nested else {name}
+    return verbs
+
+
+def test_every_verb_and_deleting_script_has_its_row_in_the_canary_table():
+    """Issue 28: each new verb wrote its own rule and skipped the shared tests. A verb is a row of the canary
+    table (tests/test_user_files.py: WRITERS, or FILE_WRITERS for one named file) or declared READ_ONLY_VERBS;
+    a script under scripts/ that deletes (`rm`, rmtree, unlink) is a row of WRITERS."""
+    from .test_user_files import FILE_WRITERS, READ_ONLY_VERBS, WRITERS
+
+    rows = {name.split(" --")[0] for name in WRITERS} | set(FILE_WRITERS) | set(READ_ONLY_VERBS)
+    assert sorted(_cli_verbs() - rows) == [], "verbs with no row in tests/test_user_files.py"
+    assert not set(READ_ONLY_VERBS) & ({name.split(" --")[0] for name in WRITERS} | set(FILE_WRITERS))
+    deleting = re.compile(r"(^|[\s;&|(`])rm\s|rmtree|os\.remove|\.unlink\(", re.M)
+    scripts = sorted(str(p.relative_to(PACKAGE.parent)) for p in (PACKAGE.parent / "scripts").rglob("*")
+                     if p.suffix in (".sh", ".py") and deleting.search(p.read_text(encoding="utf-8")))
+    assert scripts and sorted(set(scripts) - set(WRITERS)) == [], "deleting scripts with no row"

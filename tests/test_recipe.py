@@ -160,3 +160,19 @@ def test_distributed_section_does_not_change_the_hash(tmp_path):
     assert plain.hash() == sharded.hash()
     with pytest.raises(RecipeError, match="distributed"):
         load_recipe(path, ["distributed.fsdpp=true"])
+
+
+def test_a_credential_inside_a_list_is_refused_and_masked(tmp_path):
+    """Issue 28, break (c): the list branches of the secret check and of the masking had no test (each was
+    broken by hand, `return None` / `return value` for lists: this went red)."""
+    from tear_lora.recipe import mask_secrets
+
+    raw = yaml.safe_load((REPO / "recipes/tiny-cpu.yaml").read_text())
+    raw["training"]["model_init_kwargs"] = {"hooks": [{"name": "x"}, {"api_key": "sk-canary-in-a-list"}]}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"'training.model_init_kwargs.hooks.1.api_key' holds a credential"):
+        load_recipe(path)
+    masked = mask_secrets(raw)
+    assert masked["training"]["model_init_kwargs"]["hooks"] == [{"name": "x"}, {"api_key": "<masked>"}]
+    assert "sk-canary" not in json.dumps(masked)

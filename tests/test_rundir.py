@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +13,20 @@ import pytest
 from tear_lora.recipe import RecipeError, load_recipe
 from tear_lora.rundir import (
     COMPLETE_MARKER,
+    Checked,
     LockedError,
     RunDirError,
     atomic_write_json,
     atomic_write_text,
     check_run_name,
     child_dir,
+    contents,
     exclusive_lock,
     incomplete_reason,
+    json_depth,
     lock_path_for,
+    read_json,
+    stale_siblings,
     swap_in,
     temp_sibling,
     unsafe_root_reason,
@@ -101,12 +107,73 @@ def test_swap_in_replaces_only_when_complete(tmp_path):
     final = tmp_path / "run"
     final.mkdir()
     (final / "a").write_text("old")
+    checked = Checked(final, contents(final))
     built = temp_sibling(final)
     assert built.name.startswith(".run.tmp-") and built.parent == tmp_path
     (built / "a").write_text("new")
-    swap_in(built, final)
+    swap_in(built, final, checked)
     assert (final / "a").read_text() == "new" and not built.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # the old one is gone only after the swap
+
+
+@pytest.mark.parametrize("change", ["added", "changed", "link", "appeared"])
+def test_swap_in_rechecks_at_the_swap_and_puts_the_old_one_back(tmp_path, change):
+    """Issue 28: the check and the swap are minutes apart; whatever was added or changed in between is kept."""
+    final = tmp_path / "run"
+    if change != "appeared":
+        final.mkdir()
+        (final / "a").write_text("old")
+    checked = Checked(final, contents(final) if final.exists() else None)
+    built = temp_sibling(final)
+    (built / "a").write_text("new")
+    final.mkdir(exist_ok=True)
+    if change in ("added", "appeared"):
+        (final / "NOTES.txt").write_text("saved while it was rebuilt")
+    elif change == "changed":
+        (final / "a").write_text("edited by the user")
+    else:
+        os.symlink(tmp_path, final / "link")
+    before = {p: p.read_bytes() if p.is_file() else None for p in final.rglob("*")}
+    with pytest.raises(RunDirError, match="changed while the new one was being built"):
+        swap_in(built, final, checked)
+    assert {p: p.read_bytes() if p.is_file() else None for p in final.rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([final.name, built.name])  # nothing else made
+
+
+def test_temp_sibling_never_removes_or_reuses_a_name_taken(tmp_path):
+    final = tmp_path / "run"
+    taken = tmp_path / f".run.tmp-{os.getpid()}"
+    taken.mkdir()
+    (taken / "precious.txt").write_text("mine")
+    built = temp_sibling(final)
+    assert built != taken and built.name.startswith(f".run.tmp-{os.getpid()}-")
+    assert (taken / "precious.txt").read_text() == "mine" and not any(built.iterdir())
+    assert stale_siblings(final) and taken in stale_siblings(final)
+    (tmp_path / ".run.tmp-mybackup").mkdir()  # not a name we give: never a sibling of ours
+    assert tmp_path / ".run.tmp-mybackup" not in stale_siblings(final)
+
+
+def test_a_fifo_at_the_lock_path_is_refused_not_opened_as_a_lock(tmp_path):
+    """Issue 28, break (a): the regular-file check on the lock had no test; a FIFO (or a device) is not a lock."""
+    fifo = tmp_path / ".run.lock"
+    os.mkfifo(fifo)
+    with pytest.raises(RunDirError, match="not a plain file"):
+        with exclusive_lock(fifo, "run"):
+            pass
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_json_nested_beyond_the_bound_is_one_error_not_a_recursion_error(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RunDirError, match="nested deeper than 64 levels"):
+        read_json(deep)
+    assert json_depth('{"a": ["[[[", {"b": "\\"}]}') == 3 and read_json_text_ok(tmp_path)
+
+
+def read_json_text_ok(tmp_path) -> bool:
+    (tmp_path / "ok.json").write_text(json.dumps({"a": [[[1]]]}))
+    return read_json(tmp_path / "ok.json") == {"a": [[[1]]]}
 
 
 def test_completion_marker_detects_missing_and_truncated_files(tmp_path):

@@ -8,13 +8,24 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tear_lora import rundir
 from tear_lora.cli import main
-from tear_lora.rundir import COMPLETE_MARKER, RunDirError, check_replaceable, exclusive_lock, write_complete_marker
+from tear_lora.rundir import (
+    COMPLETE_MARKER,
+    RunDirError,
+    check_replaceable,
+    exclusive_lock,
+    swap_in,
+    write_complete_marker,
+)
+from tear_lora.train import runner
 
 from .conftest import REPO
 from .release_helpers import trained_pair
@@ -66,16 +77,189 @@ def recipe_file(tmp_path, tiny_model_dir):
     return path
 
 
-# ---- every writing verb at a user's directory ---------------------------------------------------------------------
+# ---- the canary table: every verb and script that writes, at a user's directory, a symlink, a file added during
+# the run and a sibling with our prefix -------------------------------------------------------------------------
+#
+# One row per writer (docs/reliability.md links here; tests/test_layout.py fails when a CLI verb is neither a row
+# here nor in READ_ONLY_VERBS, or a script under scripts/ that runs `rm` has no row). Every row went red with the
+# primitive disabled (rundir.check_replaceable returning at once, swap_in without its re-check, temp_sibling
+# removing a taken name, the build script without its marker): see the commit that made this table.
 
 
-@pytest.mark.parametrize("overwrite", [[], ["--set", "output.overwrite=true"]], ids=["plain", "overwrite"])
-def test_train_at_a_users_directory(recipe_file, tmp_path, overwrite, capsys):
-    target = tmp_path / "D" / "qwen3-base"
-    before = plant_canaries(target)
-    assert main(["train", str(recipe_file), *overwrite]) == 2
-    one_line_error(capsys, target, "not a finished tear_lora adapter")
-    assert snapshot(target) == before and not (tmp_path / "D" / ".qwen3-base.lock").exists()
+@dataclass
+class Writer:
+    """How to aim one writer at `target` (a directory under the test's tmp_path)."""
+
+    target: str                      # relative to tmp_path
+    build: str                       # the kind of its temp siblings: .<name>.<build>-<pid>
+    run: Callable                    # (ctx, target) -> exit status
+    refusal: str = ""                # words its refusal of a user's directory names
+    needs: tuple = ()                # importable modules, else skipped
+    lookalike: bool = True           # plant a tear_lora.json of the user's own (sweep reads it and refuses first)
+
+
+def _cli(*args):
+    def run(ctx, target):
+        return main([a.format(target=target, **ctx) for a in args])
+    return run
+
+
+def _build_script(ctx, target, **env):
+    done = subprocess.run(["bash", str(REPO / "scripts/build_llama_server.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TEAR_LORA_LLAMA_DIR": str(target), "CONVERTER_ONLY": "1",
+                                            "PYTHON": str(ctx["fake_pip"]), **env})
+    sys.stderr.write(done.stderr)
+    return done.returncode
+
+
+WRITERS = {
+    "train": Writer("D/qwen3-base", "tmp", _cli("train", "{recipe}", "--set", "output.overwrite=true"),
+                    "not a finished tear_lora adapter"),
+    "sweep": Writer("D/qwen3-base-lambda0", "tmp", _cli("sweep", "{recipe}", "--lambdas", "0", "--set",
+                                                        "output.overwrite=true"), "not a finished tear_lora adapter",
+                    lookalike=False),
+    "data prepare": Writer("prepared", "build", _cli("data", "prepare", "{eval}", "--recipe", "{recipe}", "--out",
+                                                     "{target}", "--overwrite"), "not a finished tear_lora processed data"),
+    "merge": Writer("models/m", "merge", _cli("merge", "{a}", "--out", "{target}", "--overwrite"),
+                    "not a finished tear_lora merge output"),
+    "merge --gguf": Writer("models/g", "merge", _cli("merge", "{a}", "--out", "{target}", "--overwrite", "--gguf",
+                                                     "f16"), "not a finished tear_lora merge output", ("conversion",)),
+    "bundle": Writer("served", "bundle", _cli("bundle", "{a}", "{b}", "--out", "{target}", "--overwrite"),
+                     "not a finished tear_lora bundle"),
+    "analyze --report": Writer("report", "report", _cli("analyze", "{a}", "--data", "{contrast}", "--bootstrap", "10",
+                                                        "--folds", "2", "--report", "{target}", "--overwrite"),
+                               "not a finished tear_lora analyze report"),
+    "split-domains": Writer("split", "split", _cli("split-domains", "{eval}", "--hold-out", "code", "--out",
+                                                   "{target}", "--overwrite"), "not a finished tear_lora domain split"),
+    "scripts/build_llama_server.sh": Writer("llama", "dl", _build_script, "has no .tear_lora_llama_cache"),
+}
+FILE_WRITERS = {  # verbs that write one file you name (a plot): rundir.atomic_write_bytes, test_plot_file_…
+    "compare": "--plot", "analyze": "--plot", "report": "--plot (default <adapter>/training_curves.png)",
+    "sweep": "--plot, besides its run dirs (a row above)",
+}
+READ_ONLY_VERBS = {"recipe validate": "prints", "recipe show": "prints", "plan": "prints", "generate": "prints",
+                   "eval": "prints", "serve": "runs llama-server on a bundle; writes nothing"}
+
+FAKE_PIP = """#!/usr/bin/env bash
+# `python -m pip download` for the build script, offline: a tiny llama-cpp-python sdist; $DURING: a file the user
+# saves while the download runs
+set -e
+while [ $# -gt 0 ]; do case "$1" in --dest) dest="$2"; shift 2;; llama-cpp-python==*) v="${1#*==}"; shift;; *) shift;; esac; done
+w=$(mktemp -d); mkdir -p "$w/llama_cpp_python-$v/vendor/llama.cpp"
+echo "# converter" > "$w/llama_cpp_python-$v/vendor/llama.cpp/convert_lora_to_gguf.py"
+tar -czf "$dest/llama_cpp_python-$v.tar.gz" -C "$w" "llama_cpp_python-$v"; rm -rf "$w"
+if [ -n "${DURING:-}" ]; then mkdir -p "$(dirname "$DURING")"; echo "saved during the run" > "$DURING"; fi
+"""
+
+
+@pytest.fixture()
+def ctx(request, tmp_path, recipe_file):
+    fake_pip = tmp_path / "fake-python"
+    fake_pip.write_text(FAKE_PIP)
+    fake_pip.chmod(0o755)
+    found = {"recipe": str(recipe_file), "eval": str(REPO / "data/raw/eval.jsonl"), "fake_pip": fake_pip,
+             "contrast": str(REPO / "data/raw/contrast.jsonl")}
+    if any(n in request.node.name for n in ("merge", "bundle", "analyze")):
+        trained = request.getfixturevalue("pair")
+        found.update(a=str(trained["a"]), b=str(trained["b"]))
+    return found
+
+
+def _row(name: str, tmp_path: Path) -> tuple[Writer, Path]:
+    writer = WRITERS[name]
+    for module in writer.needs:
+        pytest.importorskip(module)
+    return writer, tmp_path / writer.target
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_at_a_users_directory(name, ctx, tmp_path, capsys):
+    """Aimed (with overwrite) at a directory of the user's: a local base's config, notes, a nested file, and a
+    tear_lora.json / manifest.json of their own. Exit 2, one line naming it, every byte as it was."""
+    writer, target = _row(name, tmp_path)
+    plant_canaries(target, manifest=True)
+    if writer.lookalike:
+        (target / "tear_lora.json").write_text('{"format_version": 2, "merged": {}}')  # even one that looks like ours
+    before = snapshot(target)
+    assert writer.run(ctx, target) == 2
+    one_line_error(capsys, target, writer.refusal)
+    assert snapshot(target) == before
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_at_a_symlink(name, ctx, tmp_path, capsys):
+    """Aimed at a symlink to the user's directory: refused, the link and what it points at untouched."""
+    writer, target = _row(name, tmp_path)
+    mine = tmp_path / "mine"
+    before = plant_canaries(mine)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(mine, target)
+    assert writer.run(ctx, target) == 2
+    one_line_error(capsys, target, "symlink")
+    assert target.is_symlink() and snapshot(mine) == before
+
+
+def _plant_siblings(writer: Writer, target: Path) -> dict:
+    """Directories named like a writer's own temp dirs (its kind, our pid, `.old-<pid>`, a backup of the user's),
+    each holding the user's files. The build script's temp dirs live inside its cache, beside bin/llama-server."""
+    if writer.build == "dl":
+        where, names = target, [".dl.mybackup", ".dl.XXXXXX", ".build.mine", "bin/mytool"]
+    else:
+        where = target.parent
+        names = [f".{target.name}.{writer.build}-mybackup", f".{target.name}.{writer.build}-{os.getpid()}",
+                 f".{target.name}.old-{os.getpid()}", f".{target.name}.{writer.build}-1"]
+    return {where / name: plant_canaries(where / name) for name in names}
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_file_added_during_the_run_and_siblings_with_our_prefix_are_kept(name, ctx, tmp_path, monkeypatch, capsys):
+    """Two columns of the table, one run each (a run costs seconds, not milliseconds):
+    - issue 28 case 3: the check and the swap are minutes apart. A NOTES.txt the user saves into the output while
+      it is built (here: just before the swap) stops the swap: exit 2, one line, NOTES.txt kept;
+    - issue 28 case 2: `.<out>.bundle-*` siblings were deleted (a user's `.b2.bundle-mybackup/precious.txt`). A
+      writer touches only what it made in this process: names it would give, taken already, are left alone."""
+    writer, target = _row(name, tmp_path)
+    notes = target / "NOTES.txt"
+    if writer.build == "dl":  # the script's swap is of src/: a cache of another version first
+        assert writer.run(ctx, target) == 0
+        siblings = _plant_siblings(writer, target)
+        before = snapshot(target / "src")
+        assert _build_script(ctx, target, DURING=str(target / "src" / "NOTES.txt"), LLAMA_CPP_PYTHON_VERSION="9.9") == 2
+        one_line_error(capsys, target / "src", "changed while")
+        assert snapshot(target / "src") == {**before, "NOTES.txt": snapshot(target / "src")["NOTES.txt"]}
+    else:
+        siblings = _plant_siblings(writer, target)
+
+        def save_notes_then_swap(built, final, checked):
+            if Path(final) == target:  # not the data cache train builds first
+                final.mkdir(parents=True, exist_ok=True)
+                notes.write_text("saved while it was being built")
+            return swap_in(built, final, checked)
+
+        monkeypatch.setattr(rundir, "swap_in", save_notes_then_swap)
+        monkeypatch.setattr(runner, "swap_in", save_notes_then_swap)
+        assert writer.run(ctx, target) == 2
+        one_line_error(capsys, target, "changed while", "NOTES.txt was added")
+        assert snapshot(target) == {"NOTES.txt": hashlib.sha256(b"saved while it was being built").hexdigest()}
+    for path, before in siblings.items():
+        assert snapshot(path) == before, path
+
+
+@pytest.mark.parametrize("aim", ["directory", "symlink"])
+def test_a_plot_file_is_never_written_through_a_users_directory_or_link(pair, tmp_path, aim, capsys):
+    """FILE_WRITERS: the one file a verb writes where you name it is replaced atomically when it is a file, and
+    refused when a directory or a symlink is there (atomic_write_bytes; os.replace would drop your link)."""
+    mine = tmp_path / "mine"
+    before = plant_canaries(mine)
+    plot = mine if aim == "directory" else tmp_path / "curves.png"
+    if aim == "symlink":
+        os.symlink(mine / "notes.txt", plot)
+    assert main(["report", str(pair["a"]), "--plot", str(plot)]) == 2
+    one_line_error(capsys, plot, aim)
+    assert snapshot(mine) == before and (aim == "directory" or plot.is_symlink())
+
+
+# ---- the rule's finer points ----------------------------------------------------------------------------------
 
 
 def test_train_cli_process_exits_2_in_one_line(recipe_file, tmp_path):
@@ -85,24 +269,6 @@ def test_train_cli_process_exits_2_in_one_line(recipe_file, tmp_path):
                              "output.overwrite=true"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")][0].count(str(target)) == 1
-    assert snapshot(target) == before
-
-
-def test_sweep_at_a_users_directory(recipe_file, tmp_path, capsys):
-    target = tmp_path / "D" / "qwen3-base-lambda0"
-    before = plant_canaries(target)
-    assert main(["sweep", str(recipe_file), "--lambdas", "0", "--set", "output.overwrite=true"]) == 2
-    one_line_error(capsys, target)
-    assert snapshot(target) == before
-
-
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
-def test_data_prepare_at_a_users_directory_with_a_manifest(recipe_file, tmp_path, overwrite, capsys):
-    target = tmp_path / "mine"
-    before = plant_canaries(target, manifest=True)
-    assert main(["data", "prepare", str(REPO / "data/raw/eval.jsonl"), "--recipe", str(recipe_file), "--out",
-                 str(target), *overwrite]) == 2
-    one_line_error(capsys, target, "not a finished tear_lora processed data")
     assert snapshot(target) == before
 
 
@@ -118,18 +284,6 @@ def test_data_prepare_replaces_its_own_output_only_with_overwrite(recipe_file, t
     assert json.loads((out / "manifest.json").read_text())["settings"]["max_seq_len"] == 200
 
 
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
-def test_split_domains_at_a_users_directory(tmp_path, overwrite, capsys):
-    target = tmp_path / "mine"
-    before = plant_canaries(target)
-    (target / "eval.in.jsonl").write_text("my own notes, named like a split file\n")
-    before = snapshot(target)
-    assert main(["split-domains", str(REPO / "data/raw/eval.jsonl"), "--hold-out", "code", "--out", str(target),
-                 *overwrite]) == 2
-    one_line_error(capsys, target, "not a finished tear_lora domain split")
-    assert snapshot(target) == before
-
-
 def test_split_domains_replaces_its_own_split_only_with_overwrite(tmp_path, capsys):
     out = tmp_path / "split"
     args = ["split-domains", str(REPO / "data/raw/eval.jsonl"), "--out", str(out)]
@@ -141,32 +295,6 @@ def test_split_domains_replaces_its_own_split_only_with_overwrite(tmp_path, caps
     recorded = json.loads((out / "split.json").read_text())
     assert recorded["held_out"] == ["health"]
     assert recorded["files"][0]["source_sha256"] == hashlib.sha256((REPO / "data/raw/eval.jsonl").read_bytes()).hexdigest()
-
-
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
-def test_analyze_report_at_a_users_directory(pair, tmp_path, overwrite, capsys):
-    target = tmp_path / "mine"
-    plant_canaries(target)
-    (target / "analyze.json").write_text('{"mine": true}')  # even one named like ours
-    before = snapshot(target)
-    assert main(["analyze", str(pair["a"]), "--data", str(REPO / "data/raw/contrast.jsonl"), "--report", str(target),
-                 *overwrite]) == 2
-    one_line_error(capsys, target, "not a finished tear_lora analyze report")
-    assert snapshot(target) == before
-
-
-@pytest.mark.parametrize("gguf", [[], ["--gguf", "f16"]], ids=["merge", "merge-gguf"])
-@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]], ids=["plain", "overwrite"])
-def test_merge_at_a_users_directory(pair, tmp_path, gguf, overwrite, capsys):
-    target = tmp_path / "models" / "qwen3"
-    before = plant_canaries(target)
-    (target / "tear_lora.json").write_text('{"format_version": 2, "merged": {}}')  # even one that looks like ours
-    before = snapshot(target)
-    if gguf:
-        pytest.importorskip("conversion")
-    assert main(["merge", str(pair["a"]), "--out", str(target), *gguf, *overwrite]) == 2
-    one_line_error(capsys, target, "not a finished tear_lora merge output")
-    assert snapshot(target) == before
 
 
 # ---- links, crafted metadata, nested tokens -----------------------------------------------------------------------
@@ -196,6 +324,20 @@ def test_crafted_run_name_in_tear_lora_json_is_refused(pair, tmp_path, run_name,
     assert main(["merge", str(adapter), "--out", str(out), "--gguf", "f16"]) == 2
     one_line_error(capsys, "run_name")
     assert not out.exists() and not list(tmp_path.parent.glob("escaped*"))
+
+
+@pytest.mark.parametrize("verb", [["generate", "{a}", "--input", "hi"], ["merge", "{a}", "--out", "{out}"],
+                                  ["bundle", "{a}", "--out", "{out}"], ["eval", "{a}", "--data", "{eval}"],
+                                  ["report", "{a}"]], ids=lambda v: v[0])
+def test_a_deeply_nested_tear_lora_json_is_one_line_in_every_verb_that_reads_one(pair, tmp_path, verb, capsys):
+    """Issue 28 case 8: 100,000 levels of nesting was a RecursionError traceback in every verb reading it."""
+    adapter = Path(shutil.copytree(pair["a"], tmp_path / "adapter", ignore=shutil.ignore_patterns("checkpoints")))
+    (adapter / "tear_lora.json").write_text('{"format_version": 2, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    out = tmp_path / "out"
+    args = [a.format(a=adapter, out=out, eval=REPO / "data/raw/eval.jsonl") for a in verb]
+    assert main(args) == 2
+    one_line_error(capsys, "tear_lora.json", "nested deeper than 64 levels")
+    assert not out.exists()
 
 
 def test_control_characters_in_any_metadata_field_are_refused(pair, tmp_path, capsys):

@@ -188,8 +188,8 @@ def prepare(raw_path: str | Path, tokenizer, recipe, out_dir: str | Path | None 
         with _waiting_lock(final):
             cached = _load_cached(final, key)  # another process may have built it while we waited
             if cached is None:
-                _check_replaceable(final, overwrite or out_dir is None)  # again, now that we hold the lock
-                _build(reader, tokenizer, settings, manifest, final)
+                checked = _check_replaceable(final, overwrite or out_dir is None)  # again, now that we hold the lock
+                _build(reader, tokenizer, settings, manifest, final, checked)
                 cached = _load_cached(final, key)
         if cached is None:
             raise DataError(f"{final}: the processed data just written cannot be read back; is the disk full?")
@@ -223,10 +223,10 @@ def _open(raw_path: Path, tokenizer, recipe, skip_invalid: bool | None, packed: 
     return reader, settings
 
 
-def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, final: Path) -> None:
-    """Tokenize into a hidden sibling of `final`, finish every file, then swap it in (the caller holds the lock)."""
-    for stale in rundir.stale_siblings(final, "build"):
-        shutil.rmtree(stale, ignore_errors=True)  # builds run only under the lock we hold: these were killed
+def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, final: Path, checked) -> None:
+    """Tokenize into a hidden sibling of `final`, finish every file, then swap it in (the caller holds the lock
+    and checked `final`: the swap re-checks it)."""
+    rundir.note_leftovers(final, "build", "data prepare")
     building = rundir.temp_sibling(final, "build")
     try:
         from datasets.arrow_writer import ArrowWriter
@@ -249,7 +249,7 @@ def _build(reader: TripleReader, tokenizer, settings: dict, manifest: dict, fina
                                  "".join(json.dumps(r.as_dict(), ensure_ascii=False) + "\n" for r in rejects))
         rundir.atomic_write_json(building / "manifest.json", {**manifest, **counts})
         rundir.write_complete_marker(building, kind="processed data")
-        rundir.swap_in(building, final)
+        rundir.swap_in(building, final, checked)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -260,7 +260,7 @@ def _load_cached(out_dir: Path, key: str) -> Prepared | None:
     if not out_dir.is_dir() or rundir.incomplete_reason(out_dir) is not None:
         return None
     try:
-        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        manifest = rundir.read_json(out_dir / "manifest.json")
         if not isinstance(manifest, dict) or manifest.get("cache_key") != key:
             return None
         dataset = load_from_disk(str(out_dir / "dataset"))
@@ -277,10 +277,10 @@ def _load_cached(out_dir: Path, key: str) -> Prepared | None:
     return Prepared(dataset, manifest, out_dir, packed)
 
 
-def _check_replaceable(final: Path, overwrite: bool) -> None:
+def _check_replaceable(final: Path, overwrite: bool) -> rundir.Checked:
     """Swapping in deletes what was at `final`: allow that only for an earlier prepare output (or nothing)."""
     try:
-        rundir.check_replaceable(final, "processed data", "manifest.json", overwrite, "pass --overwrite",
+        return rundir.check_replaceable(final, "processed data", "manifest.json", overwrite, "pass --overwrite",
                                  legacy=True)
     except rundir.RunDirError as e:
         raise DataError(str(e)) from None

@@ -20,29 +20,24 @@ marker last, swapped in under a lock; `bundle.json` (kind "tear_lora-bundle") is
 
 from __future__ import annotations
 
-import json
-import shutil
+import copy
 from pathlib import Path
 
 import torch
 
-from tear_lora.metadata import AdapterError, read_metadata, same_base
+from tear_lora.metadata import AdapterError, public_name, read_metadata, same_base
 from tear_lora.rundir import (
-    COMPLETE_MARKER,
     atomic_write_json,
+    atomic_write_text,
     check_run_name,
-    exclusive_lock,
-    incomplete_reason,
-    lock_path_for,
-    stale_siblings,
-    swap_in,
-    temp_sibling,
-    unsafe_root_reason,
+    replacing,
+    usual_permissions,
     write_complete_marker,
 )
 
 BUNDLE_FILE = "bundle.json"
-BUNDLE_KIND = "tear_lora-bundle"
+BUNDLE_KIND = "tear_lora-bundle"  # bundle.json's own kind field
+BUNDLE_KIND_SHORT = "bundle"  # the completion marker's kind (rundir.check_replaceable)
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 GGUF_TYPES = ("f16", "q8_0")
@@ -60,6 +55,10 @@ def check_adapters(adapters: list[Path]) -> list[dict]:
     from peft import LoraConfig
 
     metas = [read_metadata(a) for a in adapters]
+    for path, meta in zip(adapters, metas):
+        if "merged" in meta or not (path / "adapter_config.json").is_file():
+            raise BundleError(f"{path}: a merged model dir, not an adapter dir; bundle takes the adapters "
+                              "(adapters/<run>) it was merged from, or serve the merged dir with `merge --gguf`")
     first, name = metas[0], adapters[0]
     for path, meta in zip(adapters[1:], metas[1:]):
         if not same_base(first["base"], meta["base"]):
@@ -100,37 +99,6 @@ def adapter_names(metas: list[dict], adapters: list[Path]) -> list[str]:
             label, n = f"{name}-{n}", n + 1
         names.append(label)
     return names
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Refuse an --out the bundle must not create or replace (anything but a complete bundle holding only its files)."""
-    problem = unsafe_root_reason(out_dir)
-    if problem:
-        raise BundleError(f"--out {out_dir} {problem}; write the bundle into a directory of its own")
-    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
-        raise BundleError(f"--out {out_dir} is a file or a symlink; give the path of a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        problem = not_a_bundle(out_dir)
-        if problem:
-            raise BundleError(f"--out {out_dir} exists, is not empty and is not a complete tear-lora bundle "
-                              f"({problem}); nothing was changed: choose another --out or remove it yourself")
-
-
-def not_a_bundle(directory: Path) -> str | None:
-    """Why `directory` is not a finished bundle of ours holding only its own files (None when it is)."""
-    problem = incomplete_reason(directory)
-    if problem:
-        return problem
-    written = set(json.loads((directory / COMPLETE_MARKER).read_text())["files"])
-    extra = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                   if p.is_file() and p.name != COMPLETE_MARKER and str(p.relative_to(directory)) not in written)
-    if extra:
-        return f"it holds files the bundle did not write: {', '.join(extra[:3])}"
-    try:
-        kind = json.loads((directory / BUNDLE_FILE).read_text()).get("kind")
-    except (OSError, ValueError, AttributeError):
-        kind = None
-    return None if kind == BUNDLE_KIND else f"no {BUNDLE_FILE} of kind {BUNDLE_KIND}"
 
 
 # ---- the rewrite ----------------------------------------------------------------------------------------------
@@ -213,6 +181,9 @@ def write_plain_lora(model, adapter_dir: Path, out_dir: Path, base_path: str) ->
             b[ids_out, torch.arange(len(ids_out))] = 1.0
         peft_model.peft_config["default"].base_model_name_or_path = base_path
         peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
+        loaded, card = getattr(model, "name_or_path", None), out_dir / "README.md"
+        if loaded and card.is_file():  # PEFT's card names the base as loaded (the user's path): the bundle's base/
+            atomic_write_text(card, card.read_text(encoding="utf-8").replace(str(loaded), base_path))
     finally:
         peft_model.unload()  # the LoRA layers out again: `model` is the serving base for the next adapter
     return {"r": rank, "lora_alpha": trained.lora_alpha, "trained_r": trained.r, "tag_ids": ids_in}
@@ -222,9 +193,11 @@ def write_plain_lora(model, adapter_dir: Path, out_dir: Path, base_path: str) ->
 
 
 def bundle(adapters, out_dir, gguf: str | None = None, dtype: str = "bf16", base: str | None = None,
-           trust_remote_code: bool = False, verify_rows: int | None = None, verify_data=None) -> Path:
+           trust_remote_code: bool = False, verify_rows: int | None = None, verify_data=None,
+           overwrite: bool = False) -> Path:
     """Write the serving bundle of `adapters` to `out_dir` (with `verify_rows`, verify.json too), all or
-    nothing: built in a hidden sibling, marked complete last, swapped in under a lock (rundir.py)."""
+    nothing, by rundir's one rule: built in a hidden sibling, marked complete last, swapped in under a lock;
+    an existing `out_dir` is replaced only when it is a bundle of ours and `overwrite`, re-checked at the swap."""
     from .llama_server import converter_script
     from .merge import EXPORT_DTYPES
 
@@ -242,31 +215,33 @@ def bundle(adapters, out_dir, gguf: str | None = None, dtype: str = "bf16", base
         converter_script()  # both converters found now, not after the base is written
     metas = check_adapters(adapters)
     names = adapter_names(metas, adapters)
-    check_out_dir(out_dir)
-    with exclusive_lock(lock_path_for(out_dir), f"bundle {out_dir}"):
-        check_out_dir(out_dir)
-        for stale in stale_siblings(out_dir, "bundle"):
-            shutil.rmtree(stale, ignore_errors=True)
-        build = temp_sibling(out_dir, "bundle")
-        try:
-            manifest = _write_bundle(adapters, metas, names, build, out_dir.resolve(), gguf, dtype, base,
-                                     trust_remote_code, bool(verify_rows) and not verify_data)
-            if verify_rows:
-                from .bundle_verify import verify_bundle
+    with replacing(out_dir, BUNDLE_KIND_SHORT, BUNDLE_FILE, overwrite, "pass --overwrite", "bundle",
+                   legacy=True) as build:
+        manifest = _write_bundle(adapters, metas, names, build, gguf, dtype, base, trust_remote_code,
+                                 bool(verify_rows) and not verify_data)
+        if verify_rows:
+            from .bundle_verify import verify_bundle
 
-                verify_bundle(build, adapters, manifest, verify_data, verify_rows, base, trust_remote_code)
-            from .bundle_card import write_bundle_card
+            verify_bundle(build, adapters, manifest, verify_data, verify_rows, base, trust_remote_code)
+        from .bundle_card import write_bundle_card
 
-            write_bundle_card(build, out_dir.name)
-            write_complete_marker(build)
-            swap_in(build, out_dir)
-        except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
-            raise
+        write_bundle_card(build, out_dir.name)
+        write_complete_marker(build, kind=BUNDLE_KIND_SHORT)
     return out_dir
 
 
-def _write_bundle(adapters, metas, names, build: Path, final: Path, gguf, dtype, base, trust_remote_code,
+def public_meta(meta: dict) -> dict:
+    """An adapter's tear_lora.json as the bundle publishes it: the base by hub id or directory name, data files
+    by file name (as merge's cards do, metadata.public_name): never the user's absolute paths."""
+    meta = copy.deepcopy(meta)
+    meta["base"]["name_or_path"] = public_name(meta["base"]["name_or_path"])
+    for split in (meta.get("data") or {}).values():
+        if isinstance(split, dict) and isinstance(split.get("source"), str):
+            split["source"] = Path(split["source"]).name
+    return meta
+
+
+def _write_bundle(adapters, metas, names, build: Path, gguf, dtype, base, trust_remote_code,
                   needs_eval_file: bool) -> dict:
     """Serving base (HF dir, GGUF), one plain LoRA (and LoRA GGUF) per adapter, bundle.json; returns the manifest."""
     from tear_lora.adapters import adapter_recipe, check_base, given_base
@@ -292,9 +267,9 @@ def _write_bundle(adapters, metas, names, build: Path, final: Path, gguf, dtype,
     entries = []
     for adapter, meta, name in zip(adapters, metas, names):
         peft_dir = f"{ADAPTERS_DIR}/{name}"
-        lora = write_plain_lora(model, adapter, build / peft_dir, str(final / BASE_DIR))
+        lora = write_plain_lora(model, adapter, build / peft_dir, BASE_DIR)  # its base: the bundle's base/
         entries.append({"name": name, "lambda": meta.get("lambda"), "peft_dir": peft_dir, "gguf": None,
-                        "source": str(adapter), "lora": lora, "tear_lora": meta})
+                        "source": adapter.name, "lora": lora, "tear_lora": public_meta(meta)})
     del model
     base_gguf = None
     if gguf:
@@ -305,17 +280,10 @@ def _write_bundle(adapters, metas, names, build: Path, final: Path, gguf, dtype,
         for entry in entries:
             entry["gguf"] = f"{ADAPTERS_DIR}/{entry['name']}-{gguf}.gguf"
             convert_lora(build / entry["peft_dir"], build / BASE_DIR, gguf, build / entry["gguf"], trust_remote_code)
+    for pattern in ("**/*.safetensors", "**/*.gguf"):  # safetensors writes 0600: the usual modes, as merge's
+        usual_permissions(build, pattern)
     manifest = {"kind": BUNDLE_KIND, "format_version": 1, "base": BASE_DIR, "base_gguf": base_gguf,
-                "gguf_type": gguf, "dtype": dtype, "base_model": metas[0]["base"],
+                "gguf_type": gguf, "dtype": dtype, "base_model": public_meta(metas[0])["base"],
                 "structural_tokens": metas[0].get("structural_tokens"), "adapters": entries}
     atomic_write_json(build / BUNDLE_FILE, manifest)
     return manifest
-
-
-def read_bundle(directory: str | Path) -> dict:
-    """bundle.json of a complete bundle, or a BundleError saying what is wrong."""
-    directory = Path(directory)
-    problem = not_a_bundle(directory) if directory.is_dir() else "no such directory"
-    if problem:
-        raise BundleError(f"{directory}: not a complete tear-lora bundle ({problem}); make one with `tear-lora bundle`")
-    return json.loads((directory / BUNDLE_FILE).read_text())

@@ -4,9 +4,10 @@ verify figures and the source adapters' tear_lora.json records; written from bun
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
-from tear_lora.rundir import atomic_write_text
+from tear_lora.rundir import atomic_write_text, read_json
 
 
 def write_bundle_card(bundle_dir: Path, name: str | None = None) -> Path:
@@ -15,9 +16,9 @@ def write_bundle_card(bundle_dir: Path, name: str | None = None) -> Path:
 
     bundle_dir = Path(bundle_dir)
     name = name or bundle_dir.name
-    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    manifest = read_json(bundle_dir / "bundle.json")
     verify_path = bundle_dir / "verify.json"
-    verified = json.loads(verify_path.read_text()) if verify_path.exists() else None
+    verified = read_json(verify_path) if verify_path.exists() else None
     entries = manifest["adapters"]
     rows = []
     for i, e in enumerate(entries):
@@ -31,7 +32,7 @@ def write_bundle_card(bundle_dir: Path, name: str | None = None) -> Path:
         loras = " ".join(f"--lora {e['gguf']}" for e in entries)
         requests = "\n".join(
             f"    # {e['name']} (λ = {e['lambda']})\n    curl -s http://127.0.0.1:8080/v1/chat/completions "
-            f"-H 'Content-Type: application/json' \\\n      -d '{json.dumps(_chat(lora_field(manifest, e['name'])))}'"
+            f"-H 'Content-Type: application/json' \\\n      -d {shlex.quote(json.dumps(_chat(lora_field(manifest, e['name']))))}"
             for e in entries)
         llama = f"""## llama.cpp's server: one base, every λ, chosen per request
 
@@ -78,7 +79,7 @@ Verify: {_verify_line(verified)}
     vllm serve {manifest['base']} --enable-lora --max-lora-rank {max(e['lora']['r'] for e in entries)} \\
       --lora-modules {modules}
     curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-      -d '{json.dumps({"model": entries[0]["name"], "messages": [{"role": "user", "content": "My question"}]})}'
+      -d {shlex.quote(json.dumps({"model": entries[0]["name"], "messages": [{"role": "user", "content": "My question"}]}))}
 
 vLLM must support LoRA on `embed_tokens` and `lm_head` for this architecture (recent releases for Qwen3);
 see docs/serving.md.

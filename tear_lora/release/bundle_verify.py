@@ -11,12 +11,11 @@ permutation undone as transformers' GGUF loader does), and its alpha checked.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from tear_lora.rundir import atomic_write_json
+from tear_lora.rundir import atomic_write_json, read_json
 
 
 def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, rows: int, base,
@@ -109,7 +108,7 @@ def verify_lora_gguf(path: Path, peft_dir: Path, outtype: str, config) -> dict:
         worst = max(worst, diff)
         if diff > TENSOR_BOUNDS.get(outtype, 0.0) * float(ref.abs().max()) + 2.0**-24:
             beyond.append(key)
-    alpha = json.loads((peft_dir / "adapter_config.json").read_text())["lora_alpha"]
+    alpha = read_json(peft_dir / "adapter_config.json")["lora_alpha"]
     alpha_ok = alpha_field is not None and abs(float(alpha_field.contents()) - alpha) < 1e-6
     return {"file": path.name, "bytes": path.stat().st_size, "tensors": len(source), "max_abs": worst,
             "bound_rel": TENSOR_BOUNDS.get(outtype), "missing": missing[:5], "beyond_bound": beyond[:5],

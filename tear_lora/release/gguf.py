@@ -22,7 +22,6 @@ Verification: gguf_verify.py.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import re
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from tear_lora.data.template import prefix_ids, render, segments
 from tear_lora.data.tokens import RESPONSE_CLOSE, WITNESS_CLOSE, structural_token_ids
 from tear_lora.metadata import AdapterError
-from tear_lora.rundir import atomic_write_text, check_run_name
+from tear_lora.rundir import atomic_write_text, check_run_name, read_json
 
 OUTTYPES = ("f16", "bf16", "q8_0")
 INSTALL_HINT = "pip install 'tear_lora[gguf]'"
@@ -99,7 +98,7 @@ def declared_code(model_dir: Path) -> str | None:
     """The file in `model_dir` that declares Python of its own (`auto_map`), or None."""
     for name in ("tokenizer_config.json", "config.json"):
         try:
-            if "auto_map" in json.loads((model_dir / name).read_text(encoding="utf-8")):
+            if "auto_map" in read_json(model_dir / name):
                 return name
         except (OSError, ValueError):
             continue

@@ -9,13 +9,13 @@ held-out rows that the merge verify uses.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from tear_lora.data.template import prefix_ids
 from tear_lora.data.tokens import structural_token_ids
+from tear_lora.rundir import read_json
 
 from .gguf import CONTROL
 
@@ -72,7 +72,7 @@ def check_tokens(header: dict, merged_dir: str | Path, tokenizer, config) -> dic
     """Tags are single CONTROL tokens at the tokenizer's ids, the GGUF ends generation exactly where
     generation_config.json does, BOS and chat template as in the merged tokenizer, tie flag and sizes kept."""
     tags = structural_token_ids(tokenizer)
-    stops = json.loads((Path(merged_dir) / "generation_config.json").read_text())["eos_token_id"]
+    stops = read_json(Path(merged_dir) / "generation_config.json")["eos_token_id"]
     stops = stops if isinstance(stops, list) else [stops]
     declared = [header[k] for k in ("eos", "eot", "eom") if header[k] is not None]
     hp = header["hparams"]

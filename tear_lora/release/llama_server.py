@@ -12,8 +12,10 @@ adapter it wants in `"lora": [{"id": i, "scale": s}, ...]`. The full list goes w
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,7 +25,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tear_lora.metadata import AdapterError
+from tear_lora.metadata import CONTROL_CHARACTERS, AdapterError
 from tear_lora.rundir import PROJECT_ROOT
 
 BUILD_SCRIPT = "scripts/build_llama_server.sh"
@@ -101,28 +103,47 @@ def post(url: str, payload: dict, timeout: float = 600) -> dict:
         return json.loads(response.read())
 
 
-class LlamaServer:
-    """A llama-server process for the block: started, waited for (`/health`), stopped (SIGTERM, then kill)."""
+class ServerStopped(Exception):
+    """A stop was asked for (SIGTERM / SIGINT) while llama-server was starting; it has been stopped."""
 
-    def __init__(self, command: list[str], host: str, port: int, log=None, start_timeout: float = 300):
+
+class LlamaServer:
+    """A llama-server process for the block: started, waited for (`/health`), stopped (SIGTERM, then kill).
+
+    Whatever ends the start-up (no answer in time, the process dying, `stop_requested()` turning true, an
+    exception) stops the process before it propagates: `__exit__` never runs when `__enter__` raises.
+    """
+
+    def __init__(self, command: list[str], host: str, port: int, log=None, start_timeout: float = 300, env=None,
+                 stop_requested=lambda: False):
         self.command, self.url, self.log, self.start_timeout = command, f"http://{host}:{port}", log, start_timeout
-        self.process = None
+        self.env, self.stop_requested, self.process = env, stop_requested, None
 
     def __enter__(self) -> LlamaServer:
-        self.process = subprocess.Popen(self.command, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                        env=self.env)
+        try:
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:  # bounded: a server that never answers is stopped and reported
+            if self.stop_requested():
+                raise ServerStopped
             if self.process.poll() is not None:
                 raise LlamaServerError(f"llama-server exited with status {self.process.returncode} while starting "
                                        f"(command: {' '.join(self.command)})")
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
                     if response.status == 200:
-                        return self
+                        return
             except (urllib.error.URLError, OSError):
                 pass
-            time.sleep(0.5)
-        self.stop()
+            time.sleep(0.2)
         raise LlamaServerError(f"llama-server did not answer {self.url}/health within {self.start_timeout:.0f} s")
 
     def __exit__(self, *exc) -> None:
@@ -144,38 +165,81 @@ class LlamaServer:
                                                "cache_prompt": False})
 
 
-def example_requests(url: str, manifest: dict) -> list[str]:
-    """One curl command per adapter, the same requests the bundle's README shows."""
+def example_requests(url: str, manifest: dict, api_key: bool = False) -> list[str]:
+    """One curl command per adapter, safe to paste: every argument shell-quoted (shlex.quote), the key never
+    written out (`$TEAR_LORA_API_KEY` is read by the user's shell)."""
     lines = []
+    auth = ' -H "Authorization: Bearer $TEAR_LORA_API_KEY"' if api_key else ""
     for entry in manifest["adapters"]:
         body = {"messages": [{"role": "user", "content": "My question"}], "temperature": 0,
                 "lora": lora_field(manifest, entry["name"])}
-        lines.append(f"# {entry['name']} (λ = {entry['lambda']})\ncurl -s {url}/v1/chat/completions "
-                     f"-H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+        lines.append(f"# {json.dumps(entry['name'])} (λ = {json.dumps(entry['lambda'])})\n"
+                     f"curl -s {shlex.quote(url + '/v1/chat/completions')} -H 'Content-Type: application/json'"
+                     f"{auth} -d {shlex.quote(json.dumps(body))}")
     return lines
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+LOOPBACK_NAMES = ("localhost",)
 
 
-def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port: int = 8080) -> int:
-    """`tear-lora serve`: run llama-server on the bundle (its checked bundle.json as `manifest`, from
-    serving.read_bundle) until Ctrl-C / SIGTERM, then stop it cleanly."""
-    bundle_dir = Path(bundle_dir)
-    command = server_command(find_llama_server(), bundle_dir, manifest, host, port)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
+def is_loopback(host: str) -> bool:
     try:
-        with LlamaServer(command, host, port, log=sys.stderr) as server:
-            print(f"llama-server on {server.url}: base {manifest['base_gguf']}, "
-                  f"{len(manifest['adapters'])} adapters (Ctrl-C stops it)")
-            for line in example_requests(server.url, manifest):
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() in LOOPBACK_NAMES
+
+
+def read_api_key(api_key: str | None, api_key_file: str | None, host: str) -> str | None:
+    """The key clients must send (None: none asked for). A host other than this machine's loopback needs one:
+    llama-server would otherwise answer anyone who can reach the port."""
+    if api_key is not None and api_key_file is not None:
+        raise LlamaServerError("give --api-key or --api-key-file, not both")
+    if api_key_file is not None:
+        try:
+            api_key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LlamaServerError(f"--api-key-file {api_key_file}: unreadable ({e.__class__.__name__})") from None
+        if not api_key or "\n" in api_key:
+            raise LlamaServerError(f"--api-key-file {api_key_file}: must hold the key alone on one line")
+    if api_key is not None and (not api_key.strip() or CONTROL_CHARACTERS.search(api_key)):
+        raise LlamaServerError("--api-key: empty or holding a control character")
+    if api_key is None and not is_loopback(host):
+        raise LlamaServerError(f"--host {host} listens beyond this machine: anyone who reaches the port could use "
+                               "the server; pass --api-key-file FILE (or --api-key KEY), or bind 127.0.0.1")
+    return api_key
+
+
+def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port: int = 8080,
+          api_key: str | None = None, api_key_file: str | None = None) -> int:
+    """`tear-lora serve`: run llama-server on the bundle (its checked bundle.json as `manifest`, from
+    bundle_manifest.read_bundle) until SIGINT / SIGTERM, then stop it and wait for it.
+
+    The signals only set a flag (no exception can land half-way through starting or stopping the process); the
+    start-up wait and the serving loop read it. Exit status: 130 / 143 stopped by SIGINT / SIGTERM (start-up
+    included); a server that dies by itself is an error naming its status.
+    """
+    bundle_dir = Path(bundle_dir)
+    key = read_api_key(api_key, api_key_file, host)
+    command = server_command(find_llama_server(), bundle_dir, manifest, host, port)
+    env = dict(os.environ, **({"LLAMA_ARG_API_KEY": key} if key else {}))  # llama-server's --api-key, off `ps`
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with LlamaServer(command, host, port, log=2, env=env, stop_requested=lambda: bool(received)) as server:  # its log: our stderr
+            print(f"llama-server on {server.url}: base {manifest['base_gguf']}, {len(manifest['adapters'])} "
+                  f"adapters{' (clients send the API key)' if key else ''} (Ctrl-C stops it)")
+            for line in example_requests(server.url, manifest, api_key=bool(key)):
                 print(line)
             sys.stdout.flush()
-            server.process.wait()
-            raise LlamaServerError(f"llama-server exited with status {server.process.returncode}")
-    except KeyboardInterrupt:
-        print("stopped llama-server")
-        return 0
+            while server.process.poll() is None and not received:
+                time.sleep(0.2)
+    except ServerStopped:
+        pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"stopped llama-server ({signal.Signals(received[0]).name})", file=sys.stderr)
+        return 128 + received[0]
+    raise LlamaServerError(f"llama-server exited with status {server.process.returncode}")

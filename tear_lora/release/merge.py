@@ -24,7 +24,6 @@ request turns into) and stop tokens that end each span: `<|/response|>`, `<|/wit
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -42,9 +41,7 @@ from tear_lora.rundir import (
     incomplete_reason,
     lock_path_for,
     read_marker,
-    stale_siblings,
-    swap_in,
-    temp_sibling,
+    replacing,
     usual_permissions,
     write_complete_marker,
 )
@@ -144,24 +141,15 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "deq
         raise MergeError(f"--gguf must be one or more of {', '.join(OUTTYPES)}, got {', '.join(gguf)}")
     if gguf:
         require_converter()  # a missing extra is reported now, not after the merge
-    check_out_dir(out_dir, overwrite)
-    with exclusive_lock(lock_path_for(out_dir), f"merge output {out_dir}"):
-        check_out_dir(out_dir, overwrite)  # again, now that no other merge can change it
-        for stale in stale_siblings(out_dir, "merge"):  # builds of killed merges: with the lock, none is running
-            shutil.rmtree(stale, ignore_errors=True)
-        build = temp_sibling(out_dir, "merge")
-        try:
-            run_name = _write_merged(Path(adapter_dir), build, base_weights, dtype, base, trust_remote_code,
-                                     needs_eval_file=bool(verify_rows) and not verify_data, gguf=gguf)
-            _write_gguf(build, run_name, gguf, trust_remote_code)
-            write_model_card(build, out_dir.name)  # after the GGUFs: the converter would read it as its metadata
-            if verify_rows:
-                _verify(adapter_dir, build, verify_data, verify_rows, base, trust_remote_code, out_dir.name)
-            write_complete_marker(build, kind="merge output")  # last: only now is the build a merge output
-            swap_in(build, out_dir)
-        except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
-            raise
+    check_out_dir(out_dir, overwrite)  # a MergeError naming --out, before anything is made
+    with replacing(out_dir, "merge output", METADATA_FILE, overwrite, "pass --overwrite", "merge", legacy=True) as build:
+        run_name = _write_merged(Path(adapter_dir), build, base_weights, dtype, base, trust_remote_code,
+                                 needs_eval_file=bool(verify_rows) and not verify_data, gguf=gguf)
+        _write_gguf(build, run_name, gguf, trust_remote_code)
+        write_model_card(build, out_dir.name)  # after the GGUFs: the converter would read it as its metadata
+        if verify_rows:
+            _verify(adapter_dir, build, verify_data, verify_rows, base, trust_remote_code, out_dir.name)
+        write_complete_marker(build, kind="merge output")  # last: only now is the build a merge output
     return out_dir
 
 

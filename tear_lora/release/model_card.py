@@ -4,11 +4,10 @@ tear_lora.json and verify.json, never from the recipe, so no secret can reach a 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tear_lora.metadata import public_name, read_metadata
-from tear_lora.rundir import atomic_write_text
+from tear_lora.rundir import atomic_write_text, read_json
 
 
 def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
@@ -20,7 +19,7 @@ def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
     out_dir = Path(out_dir)
     name = name or out_dir.name
     meta = read_metadata(out_dir)
-    verified = json.loads((out_dir / "verify.json").read_text()) if (out_dir / "verify.json").exists() else None
+    verified = read_json(out_dir / "verify.json") if (out_dir / "verify.json").exists() else None
     merged, base = meta["merged"], meta["base"]
     shape = template.render(template.segments("{input}", "{response}", "{witness}"))
     base_name = public_name(base["name_or_path"])

@@ -19,7 +19,7 @@ from tear_lora.data.prepare import DataError
 from tear_lora.data.readers import capped_lines
 from tear_lora.metadata import METADATA_FILE, read_metadata
 from tear_lora.recipe import RecipeError
-from tear_lora.rundir import RunDirError, atomic_save_figure
+from tear_lora.rundir import RunDirError, atomic_save_figure, load_json
 
 from .evaluate import format_table, source_rows
 from .generate import DEFAULT_MAX_NEW_TOKENS, Sampling, format_generated, generate_triple
@@ -54,7 +54,7 @@ def _prompt(path: Path, number: int, line: str) -> dict | None:
     if path.suffix != ".jsonl":
         return {"input": line.strip()}
     try:
-        item = json.loads(line)
+        item = load_json(line, f"{path}:{number}")
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
     if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not item["input"].strip():

@@ -6,11 +6,10 @@ and the `verify.json` that `tear-lora merge --verify` leaves in the merged dir. 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tear_lora.metadata import AdapterError, read_metadata
-from tear_lora.rundir import atomic_save_figure
+from tear_lora.rundir import atomic_save_figure, read_json
 
 CURVES = ("response_loss", "witness_loss")
 
@@ -30,7 +29,7 @@ def plot_training_curves(run_dir: str | Path, out: str | Path | None = None) -> 
     run_dir = Path(run_dir)
     meta = read_metadata(run_dir)  # refuses a damaged run dir first
     try:
-        history = json.loads((run_dir / "log_history.json").read_text(encoding="utf-8"))
+        history = read_json(run_dir / "log_history.json")
         history = [e for e in history if CURVES[0] in e and "step" in e]
     except (OSError, ValueError, TypeError) as e:
         raise AdapterError(f"{run_dir}/log_history.json: unreadable ({e})") from None

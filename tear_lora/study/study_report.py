@@ -7,7 +7,6 @@ when it is an earlier report of ours and only with --overwrite; every file is wr
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tear_lora.rundir import (
@@ -15,10 +14,7 @@ from tear_lora.rundir import (
     atomic_write_json,
     atomic_write_text,
     check_replaceable,
-    exclusive_lock,
-    lock_path_for,
-    swap_in,
-    temp_sibling,
+    replacing,
     write_complete_marker,
 )
 
@@ -120,20 +116,14 @@ def check_report_dir(path: str | Path, overwrite: bool) -> None:
 
 
 def write_report(report: dict, path: str | Path, overwrite: bool) -> Path:
-    """analyze.json, analyze.txt, tables.md, analyze.png and study.png in `path`, built whole and swapped in."""
+    """analyze.json, analyze.txt, tables.md, analyze.png and study.png in `path`, built whole and swapped in
+    (rundir.replacing: checked again under the lock and at the swap)."""
     path = Path(path)
-    with exclusive_lock(lock_path_for(path), f"analyze report {path}"):
-        check_report_dir(path, overwrite)  # again, under the lock
-        building = temp_sibling(path, "report")
-        try:
-            atomic_write_json(building / REPORT_JSON, {**report, "report": str(path)})
-            atomic_write_text(building / "analyze.txt", format_analysis(report) + "\n")
-            atomic_write_text(building / "tables.md", study_tables(report) + "\n")
-            plot_analysis(report, building / "analyze.png")
-            plot_study(report, building / "study.png")
-            write_complete_marker(building, kind=REPORT_KIND)
-            swap_in(building, path)
-        except BaseException:
-            shutil.rmtree(building, ignore_errors=True)
-            raise
+    with replacing(path, REPORT_KIND, REPORT_JSON, overwrite, "pass --overwrite", "report") as building:
+        atomic_write_json(building / REPORT_JSON, {**report, "report": str(path)})
+        atomic_write_text(building / "analyze.txt", format_analysis(report) + "\n")
+        atomic_write_text(building / "tables.md", study_tables(report) + "\n")
+        plot_analysis(report, building / "analyze.png")
+        plot_study(report, building / "study.png")
+        write_complete_marker(building, kind=REPORT_KIND)
     return path

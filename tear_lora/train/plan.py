@@ -18,12 +18,12 @@ the hub.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tear_lora.recipe import Recipe
+from tear_lora.rundir import read_json
 
 from .shape import PlanError, Shape, TargetModulesError
 
@@ -66,7 +66,7 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
     """(config dict, where it came from): local dir, HF cache, shipped copy, then the hub."""
     local = Path(name_or_path) / "config.json"
     if local.is_file():
-        return json.loads(local.read_text()), str(local)
+        return read_json(local), str(local)
     from transformers import AutoConfig
 
     try:
@@ -77,7 +77,7 @@ def load_model_config(name_or_path: str, revision: str | None = None, trust_remo
         pass
     shipped = SHIPPED_CONFIGS / f"{name_or_path.rstrip('/').split('/')[-1]}.json"
     if shipped.is_file():
-        return json.loads(shipped.read_text()), f"{name_or_path} (copy shipped with tear_lora: {shipped.name})"
+        return read_json(shipped), f"{name_or_path} (copy shipped with tear_lora: {shipped.name})"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
         try:
             config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)

@@ -23,7 +23,6 @@ import io
 import json
 import os
 import shlex
-import shutil
 import signal
 import tempfile
 from contextlib import nullcontext, redirect_stdout
@@ -37,7 +36,7 @@ from tear_lora.rundir import (
     atomic_write_text,
     exclusive_lock,
     lock_path_for,
-    stale_siblings,
+    note_leftovers,
     swap_in,
     write_complete_marker,
 )
@@ -145,7 +144,7 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
                 eval_data = prepare(recipe.data.eval_file, tokenizer, recipe) if recipe.data.eval_file else None
         if main:
             _report_rejects(train_data, eval_data)
-        work, checkpoint = from_main(state, lambda: start_work_dir(recipe, resume))
+        work, checkpoint, checked = from_main(state, lambda: start_work_dir(recipe, resume))
         try:
             _train_in(work, recipe, tokenizer, train_data, eval_data, checkpoint, state)
         except BaseException:
@@ -153,10 +152,12 @@ def run(recipe: Recipe, resume: str | bool | None = None, force: bool = False) -
                 keep_or_drop(work)
             raise
         if main:
-            superseded = [p for p in stale_siblings(run_dir) if p != work]
-            swap_in(work, run_dir)
-            for old in superseded:  # interrupted attempts of this run, now replaced by a finished one
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                swap_in(work, run_dir, checked)  # re-checks the run dir: a file added since the check stops it
+            except BaseException:
+                keep_or_drop(work)
+                raise
+            note_leftovers(run_dir, "tmp", "training of this run (superseded by this one: never resumed)")
         state.wait_for_everyone()  # every rank returns once the adapter is in place
     if main:
         print(f"adapter saved to {run_dir}", flush=True)

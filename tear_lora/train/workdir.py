@@ -9,18 +9,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 from tear_lora.metadata import METADATA_FILE
 from tear_lora.recipe import Recipe
 from tear_lora.rundir import (
+    COMPLETE_MARKER,
+    Checked,
     RunDirError,
     check_replaceable,
     copy_tree_without_links,
     incomplete_reason,
+    read_json,
     read_marker,
     stale_siblings,
     temp_sibling,
@@ -41,7 +42,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     if problem:
         return problem
     try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
+        read_json(checkpoint / "trainer_state.json")
         with safe_open(checkpoint / "adapter_model.safetensors", "pt") as f:
             list(f.keys())
     except Exception as e:  # noqa: BLE001 - json, OS and safetensors errors alike mean "do not resume from it"
@@ -67,12 +68,22 @@ def _last_written(work: Path) -> float:
     return max((p.stat().st_mtime for p in [work, *(work / CHECKPOINTS).glob("checkpoint-*")]), default=0.0)
 
 
+def interrupted_attempts(run_dir: Path) -> list[Path]:
+    """Work dirs of killed runs of `run_dir` written after its finished run (all of them when there is none),
+    newest first. An older one was superseded by the run that finished since: it stays on disk (made by
+    another process, so not ours to delete; `train` names it) but is never resumed."""
+    marker = run_dir / COMPLETE_MARKER
+    finished = marker.stat().st_mtime if marker.is_file() else float("-inf")
+    attempts = [p for p in stale_siblings(run_dir) if _last_written(p) > finished]
+    return sorted(attempts, key=_last_written, reverse=True)
+
+
 def find_checkpoints(run_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The checkpoints `--resume` chooses from: those of the interrupted attempt (the newest work dir holding a
     complete checkpoint), else those of the finished run. Never the finished run's while an attempt to
     replace it was interrupted: that would continue the old run under the new recipe's name.
     Returns (complete checkpoints newest first, [(skipped checkpoint, why)])."""
-    attempts = sorted(stale_siblings(run_dir), key=_last_written, reverse=True)
+    attempts = interrupted_attempts(run_dir)
     skipped = []
     for attempt in attempts:
         good, bad = _checkpoints_in(attempt)
@@ -119,22 +130,28 @@ def check_same_recipe(checkpoint: Path, recipe: Recipe) -> None:
 # ---- the work dir -----------------------------------------------------------------------------------------------
 
 
-def check_run_dir(recipe: Recipe, resume: str | bool | None) -> None:
+def check_run_dir(recipe: Recipe, resume: str | bool | None) -> Checked:
     """The run dir may be replaced only if it is a finished adapter of ours (rundir.check_replaceable): with
     output.overwrite, or on --resume (the interrupted attempt was going to replace it)."""
     run_dir = recipe.run_dir()
-    interrupted = any(_checkpoints_in(attempt)[0] for attempt in stale_siblings(run_dir))
+    interrupted = any(_checkpoints_in(attempt)[0] for attempt in interrupted_attempts(run_dir))
     if resume in (None, False) and not recipe.output.overwrite and interrupted:
         raise RunDirError(f"{run_dir} has an interrupted run; pass --resume to continue it, or --set "
                           "output.overwrite=true (or another output.run_name) to start over")
-    check_replaceable(run_dir, "adapter", METADATA_FILE, recipe.output.overwrite or resume not in (None, False),
-                      "pass --set output.overwrite=true (or --resume to continue it)", also_ours=ADAPTER_EXTRAS)
+    return check_replaceable(run_dir, "adapter", METADATA_FILE, recipe.output.overwrite or resume not in (None, False),
+                             "pass --set output.overwrite=true (or --resume to continue it)", also_ours=ADAPTER_EXTRAS)
 
 
-def start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Path | None]:
-    """(work dir to train in, checkpoint inside it to resume from or None). Refuses what would lose a run."""
+def start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Path | None, Checked]:
+    """(work dir to train in, checkpoint inside it to resume from or None, what the run dir held: for
+    rundir.swap_in's re-check at the end). Refuses what would lose a run."""
     run_dir = recipe.run_dir()
-    check_run_dir(recipe, resume)  # again, under the lock
+    checked = check_run_dir(recipe, resume)  # again, under the lock
+    work, checkpoint = _work_dir(recipe, resume, run_dir)
+    return work, checkpoint, checked
+
+
+def _work_dir(recipe: Recipe, resume: str | bool | None, run_dir: Path) -> tuple[Path, Path | None]:
     if resume in (None, False):
         return temp_sibling(run_dir), None
     if resume is True:
@@ -154,7 +171,7 @@ def start_work_dir(recipe: Recipe, resume: str | bool | None) -> tuple[Path, Pat
     print(f"resume: continuing from {checkpoint} (step {step_of(checkpoint)})", flush=True)
     owner = checkpoint.parent.parent
     if owner.resolve() in {p.resolve() for p in stale_siblings(run_dir)}:  # an interrupted run's work dir: adopt it
-        work = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
+        work = temp_sibling(run_dir)  # empty and ours: the rename replaces it atomically
         owner.rename(work)
         return work, work / CHECKPOINTS / checkpoint.name
     work = temp_sibling(run_dir)  # a finished run's (or any) checkpoint: copy, the original stays as it is

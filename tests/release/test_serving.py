@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tear_lora.cli import main
-from tear_lora.release.bundle import BUNDLE_FILE, not_a_bundle, untie, write_plain_lora
+from tear_lora.release.bundle import BUNDLE_FILE, public_meta, untie, write_plain_lora
+from tear_lora.rundir import foreign_reason
 
 from ..release_helpers import trained_pair
 
@@ -78,7 +79,7 @@ def test_bundle_layout_and_manifest(bundled, pair):
     assert manifest["kind"] == "tear_lora-bundle" and manifest["base"] == "base" and manifest["base_gguf"] is None
     assert [e["lambda"] for e in manifest["adapters"]] == [0.0, 2.0]
     for entry, source in zip(manifest["adapters"], (pair["a"], pair["b"])):
-        assert entry["tear_lora"] == json.loads((source / "tear_lora.json").read_text())
+        assert entry["tear_lora"] == public_meta(json.loads((source / "tear_lora.json").read_text()))
         config = json.loads((bundled / entry["peft_dir"] / "adapter_config.json").read_text())
         assert config["trainable_token_indices"] is None and {"lm_head", "model.embed_tokens"} <= set(config["target_modules"])
     base_config = json.loads((bundled / "base" / "config.json").read_text())
@@ -87,6 +88,10 @@ def test_bundle_layout_and_manifest(bundled, pair):
     assert {151_672, 151_674} <= set(stops)  # <|/response|>, <|/witness|>
     card = (bundled / "README.md").read_text()
     assert "--enable-lora" in card and "pair-lambda2" in card and not_a_bundle(bundled) is None
+
+
+def not_a_bundle(directory):
+    return foreign_reason(directory, "bundle", BUNDLE_FILE, legacy=True)
 
 
 def test_verify_figures(bundled):
@@ -139,7 +144,7 @@ def test_foreign_out_dir_untouched(pair, tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     assert main(["bundle", str(pair["a"]), "--out", str(out)]) == 2
-    assert "not a complete tear-lora bundle" in capsys.readouterr().err
+    assert "is not a finished tear_lora bundle" in capsys.readouterr().err
     assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
 
 
@@ -164,3 +169,37 @@ def test_serve_without_llama_server_names_the_script(bundled, tmp_path, capsys, 
     assert main(["serve", str(bundled)]) == 2
     err = capsys.readouterr().err
     assert "scripts/build_llama_server.sh" in err and err.count("\n") == 1
+
+
+def test_bundle_publishes_the_base_by_name_and_weights_with_the_usual_modes(bundled, pair, tiny_model_dir):
+    """Issue 28 cases 6 and 7: README.md, the PEFT cards, bundle.json and adapter_config.json carried the user's
+    absolute paths (/home/...), and the weights were written 0600."""
+    from tear_lora.rundir import UMASK
+
+    local = [str(tiny_model_dir.parent), str(pair["a"].parent), str(bundled.parent)]
+    for path in bundled.rglob("*"):
+        if path.is_file() and path.suffix in (".md", ".json"):
+            text = path.read_text()
+            assert not any(prefix in text for prefix in local), path
+        if path.is_file() and path.suffix in (".safetensors", ".gguf"):
+            assert path.stat().st_mode & 0o777 == 0o666 & ~UMASK, path
+    manifest = json.loads((bundled / BUNDLE_FILE).read_text())
+    assert manifest["base_model"]["name_or_path"] == tiny_model_dir.name
+    assert [e["source"] for e in manifest["adapters"]] == [pair["a"].name, pair["b"].name]
+    config = json.loads((bundled / manifest["adapters"][0]["peft_dir"] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "base"
+
+
+def test_a_merged_dir_is_refused_in_one_line(pair, tmp_path, capsys):
+    """Issue 28 case 8: `bundle` given a merged directory raised a ValueError traceback."""
+    merged = _altered(pair["a"], tmp_path)
+    meta = json.loads((merged / "tear_lora.json").read_text())
+    meta.pop("files")
+    meta["merged"] = {"adapter": "x", "base_weights": "dequantized", "dtype": "fp32"}
+    (merged / "tear_lora.json").write_text(json.dumps(meta))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (merged / name).unlink()
+    assert main(["bundle", str(merged), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "a merged model dir, not an adapter dir" in err
+    assert not (tmp_path / "out").exists()
