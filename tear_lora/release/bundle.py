@@ -46,6 +46,7 @@ BUNDLE_KIND = "tear_lora-bundle"
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 GGUF_TYPES = ("f16", "q8_0")
+DEFAULT_SEED = 42  # transformers' TrainingArguments.seed, when a recipe leaves training.seed out
 
 
 class BundleError(AdapterError):
@@ -293,7 +294,8 @@ def _write_bundle(adapters, metas, names, build: Path, final: Path, gguf, dtype,
     for adapter, meta, name in zip(adapters, metas, names):
         peft_dir = f"{ADAPTERS_DIR}/{name}"
         lora = write_plain_lora(model, adapter, build / peft_dir, str(final / BASE_DIR))
-        entries.append({"name": name, "lambda": meta.get("lambda"), "peft_dir": peft_dir, "gguf": None,
+        seed = adapter_recipe(adapter, base, trust_remote_code).training.get("seed", DEFAULT_SEED)  # page headers
+        entries.append({"name": name, "lambda": meta.get("lambda"), "seed": seed, "peft_dir": peft_dir, "gguf": None,
                         "source": str(adapter), "lora": lora, "tear_lora": meta})
     del model
     base_gguf = None

@@ -5,13 +5,15 @@ vendors (convert_lora_to_gguf.py with its own gguf-py) and builds the standalone
 `.cache/llama.cpp/` of the project. The converter runs as a subprocess of that tree, never copied into ours.
 
 The server is driven over plain HTTP (urllib; the `openai` client is not needed): llama-server loads the serving
-base once and every LoRA beside it (`--lora` per adapter, `--lora-init-without-apply`), and each request names the
+base once and every LoRA beside it (`--lora a.gguf,b.gguf`, `--lora-init-without-apply`), and each request names the
 adapter it wants in `"lora": [{"id": i, "scale": s}, ...]`. The full list goes with every request, zeros included
 (llama-server otherwise keeps the scales of the slot's previous request). It binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -81,9 +83,16 @@ def server_command(binary: str, bundle_dir: Path, manifest: dict, host: str, por
     if not manifest.get("base_gguf"):
         raise LlamaServerError(f"{bundle_dir}: the bundle has no GGUF files; make it with `tear-lora bundle ... --gguf f16`")
     command = [binary, "-m", str(bundle_dir / manifest["base_gguf"]), "--host", host, "--port", str(port)]
-    for entry in manifest["adapters"]:
-        command += ["--lora", str(bundle_dir / entry["gguf"])]
+    command += ["--lora", lora_list([bundle_dir / entry["gguf"] for entry in manifest["adapters"]])]
     return command + ["--lora-init-without-apply", "--jinja", *extra]
+
+
+def lora_list(paths) -> str:
+    """One `--lora` value for every adapter: llama.cpp reads it as a CSV row (a repeated `--lora` is deprecated),
+    so a path holding a comma or a quote is quoted, quotes doubled."""
+    row = io.StringIO()
+    csv.writer(row, lineterminator="").writerow([str(p) for p in paths])
+    return row.getvalue()
 
 
 def lora_field(manifest: dict, name: str) -> list[dict]:
@@ -162,13 +171,18 @@ def _interrupt(signum, frame):
 def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port: int = 8080) -> int:
     """`tear-lora serve`: run llama-server on the bundle (its checked bundle.json as `manifest`, from
     serving.read_bundle) until Ctrl-C / SIGTERM, then stop it cleanly."""
+    from .serve_page import page_dir
+
     bundle_dir = Path(bundle_dir)
     command = server_command(find_llama_server(), bundle_dir, manifest, host, port)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
     try:
-        with LlamaServer(command, host, port, log=sys.stderr) as server:
+        # the side-by-side page (serve_page.py) from llama-server's --path: one process, one origin
+        with page_dir(bundle_dir, manifest) as public, \
+                LlamaServer(command + ["--path", str(public)], host, port, log=sys.stderr) as server:
             print(f"llama-server on {server.url}: base {manifest['base_gguf']}, "
                   f"{len(manifest['adapters'])} adapters (Ctrl-C stops it)")
+            print(f"every adapter side by side: open {server.url}/ in a browser")
             for line in example_requests(server.url, manifest):
                 print(line)
             sys.stdout.flush()
