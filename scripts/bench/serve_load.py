@@ -53,7 +53,7 @@ def rss_mb(pid: int) -> dict:
 
 def ask(url: str, prompt: list[int], lora: list[dict] | None, n_predict: int) -> tuple[list[int], float]:
     """One greedy /completion of token ids -> (generated ids, latency in seconds)."""
-    from tear_lora.llama_server import post
+    from tear_lora.release.llama_server import post
 
     body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0.0, "top_k": 1, "return_tokens": True,
             "cache_prompt": False, **({"lora": lora} if lora is not None else {})}
@@ -92,7 +92,7 @@ def level(url: str, pid: int, jobs: list[tuple[str, int]], prompts, loras: dict,
 
 def run_server(make_command, log: Path, jobs, prompts, loras: dict, args) -> tuple[dict, dict]:
     """Start llama-server (`make_command(port)`), take the reference answers, run every level, stop it."""
-    from tear_lora.llama_server import LlamaServer
+    from tear_lora.release.llama_server import LlamaServer
 
     port = free_port()
     with open(log, "w") as out, LlamaServer(make_command(port), HOST, port, log=out) as server:
@@ -146,11 +146,11 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from tear_lora import template
     from tear_lora.adapters import adapter_recipe
-    from tear_lora.llama_server import find_llama_server, lora_field, server_command
+    from tear_lora.data import template
+    from tear_lora.release.bundle import bundle, not_a_bundle
+    from tear_lora.release.llama_server import find_llama_server, lora_field, server_command
     from tear_lora.rundir import atomic_write_json
-    from tear_lora.serving import bundle, not_a_bundle
 
     binary = find_llama_server()
     if not args.bundle.is_dir() or not_a_bundle(args.bundle):

@@ -172,9 +172,9 @@ def test_page_dir_columns_and_prompt_layout(bundled, pair):
     witness prompt (what `tear-lora generate` feeds the model). The directory goes when serve ends."""
     from transformers import AutoTokenizer
 
-    from tear_lora import template
+    from tear_lora.data import template
     from tear_lora.recipe import load_recipe
-    from tear_lora.serve_page import page_dir
+    from tear_lora.release.serve_page import page_dir
 
     manifest = json.loads((bundled / BUNDLE_FILE).read_text())
     with page_dir(bundled, manifest) as public:
@@ -210,7 +210,7 @@ def test_one_lora_flag_as_a_csv_row(tmp_path):
     parse_csv_row reads a field: a path with a comma or a quote stays one path."""
     import csv
 
-    from tear_lora.llama_server import server_command
+    from tear_lora.release.llama_server import server_command
 
     paths = ["adapters/a-f16.gguf", 'adapters/b, "odd"-f16.gguf']
     manifest = {"base_gguf": "base-f16.gguf", "adapters": [{"gguf": p} for p in paths]}

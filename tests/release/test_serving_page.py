@@ -1,7 +1,7 @@
 """`tear-lora serve`'s side-by-side page, driven in headless Chromium on a demo bundle of two λ adapters (slow).
 
 Needs the real llama-server (`bash scripts/build_llama_server.sh`, a C++ build) and Chromium (installed by
-tests/browser.py with apt-get where we are root, else it says how): never skipped, it fails with that one line.
+tests/release/browser.py with apt-get where we are root, else it says how): never skipped, it fails with that one line.
 Reuse work with TEAR_LORA_PAGE_BUNDLE (a complete `bundle --gguf` dir whose adapters' sources still exist) or
 TEAR_LORA_SERVE_ADAPTERS (two adapter dirs, comma-separated); otherwise two demo adapters are trained first.
 TEAR_LORA_PAGE_SCREENSHOT=docs/serving-page.png writes the 1280 px screenshot there too."""
@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
+from ..conftest import REPO
 from .browser import Browser, find_chromium
-from .conftest import REPO
 
 INPUT_LIMIT = 48  # max new tokens per span in the compared run: enough for the demo adapters to close spans
 DONE = "[...document.querySelectorAll('.column')].every(c => ['done', 'error', 'stopped'].includes(c.dataset.state))"
@@ -25,7 +25,7 @@ STATES = "[...document.querySelectorAll('.column')].map(c => c.dataset.state)"
 
 
 def _prerequisites() -> str | None:
-    from tear_lora.llama_server import LlamaServerError, converter_script, find_llama_server
+    from tear_lora.release.llama_server import LlamaServerError, converter_script, find_llama_server
 
     try:
         find_llama_server()
@@ -101,8 +101,8 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
     mid-answer is reported in the columns, which do not hang."""
     from transformers import AutoTokenizer
 
-    from tear_lora import template
-    from tear_lora.llama_server import lora_field, post
+    from tear_lora.data import template
+    from tear_lora.release.llama_server import lora_field, post
     from tear_lora.rundir import atomic_write_bytes
 
     manifest = json.loads(open(os.path.join(demo_bundle, "bundle.json")).read())
@@ -209,8 +209,8 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
 def test_the_page_asks_for_the_api_key_once(demo_bundle, tmp_path):
     """llama-server with --api-key keeps the page public and page.json, /tokenize, /completion behind the key:
     the page asks for it, says when it is refused, then sends it with every request."""
-    from tear_lora.llama_server import LlamaServer, find_llama_server, server_command
-    from tear_lora.serve_page import page_dir
+    from tear_lora.release.llama_server import LlamaServer, find_llama_server, server_command
+    from tear_lora.release.serve_page import page_dir
 
     manifest = json.loads(open(os.path.join(demo_bundle, "bundle.json")).read())
     port = _free_port()

@@ -2,7 +2,7 @@
 
 llama-server serves static files from `--path DIR` at its own address, so the page and the API share one process
 and one origin (no CORS, no second server). `page_dir` writes that DIR for the lifetime of `serve`: the page
-(`page/index.html`, plain HTML + JS, nothing fetched from elsewhere) and `page.json`, what the page cannot learn
+(`release/page/index.html`, plain HTML + JS, nothing fetched from elsewhere) and `page.json`, what the page cannot learn
 from llama-server itself:
 
 - the columns: for each adapter its name, λ, seed, steps and training-data hash (from bundle.json) and the
@@ -24,9 +24,9 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import template
-from .metadata import public_name
-from .rundir import atomic_write_bytes, atomic_write_json
+from ..data import template
+from ..metadata import public_name
+from ..rundir import atomic_write_bytes, atomic_write_json
 
 PAGE_HTML = Path(__file__).parent / "page" / "index.html"
 SLOTS = ("input", "response")  # the text spans the page fills in, in template order
