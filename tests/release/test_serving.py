@@ -166,13 +166,9 @@ def test_serve_without_llama_server_names_the_script(bundled, tmp_path, capsys, 
     assert "scripts/build_llama_server.sh" in err and err.count("\n") == 1
 
 
-def test_page_dir_columns_and_prompt_layout(bundled, pair):
-    """The page's page.json: the base then each adapter with λ, seed, steps, data hash and the `lora` list that
-    selects it; its prompt layout, filled with encode_text ids, is exactly template.encode's response prompt and
-    witness prompt (what `tear-lora generate` feeds the model). The directory goes when serve ends."""
-    from transformers import AutoTokenizer
-
-    from tear_lora.data import template
+def test_page_dir_columns(bundled, pair):
+    """The page's page.json: the base then each adapter with λ, seed, steps, data hash (bundle.json) and the `lora`
+    list that selects it. The directory goes when serve ends."""
     from tear_lora.recipe import load_recipe
     from tear_lora.release.serve_page import page_dir
 
@@ -186,16 +182,25 @@ def test_page_dir_columns_and_prompt_layout(bundled, pair):
     for column, source, chosen in zip(info["columns"][1:], (pair["a"], pair["b"]), (0, 1)):
         meta = json.loads((source / "tear_lora.json").read_text())
         assert column["lambda"] == meta["lambda"] and column["steps"] == meta["metrics"]["global_step"] == 2
-        assert column["seed"] == load_recipe(source / "recipe.yaml", saved=True).training.seed
+        assert column["seed"] == load_recipe(source / "recipe.yaml", saved=True).training.get("seed", 42)
         assert column["data_sha256"] == meta["data"]["train"]["source_sha256"]
         assert [x["scale"] for x in column["lora"]] == [float(i == chosen) for i in range(2)]
-    tokenizer = AutoTokenizer.from_pretrained(bundled / "base")
+
+
+def test_page_prompt_layout_is_template_encode(tokenizer):
+    """The page's prompt layout, its slots filled with encode_text ids (what llama-server's /tokenize gives with
+    parse_special off), is exactly template.encode's response prompt and witness prompt: what `tear-lora
+    generate` feeds the model. A tag string inside the text stays text."""
+    from tear_lora.data import template
+    from tear_lora.release.serve_page import prompt_layout
+
+    layout = prompt_layout(tokenizer)
     text = {"input": 'Is "<|witness|>" a tag?', "response": "It is text here."}
     slots = {k: template.encode_text(tokenizer, v) for k, v in text.items()}
 
     def filled(up_to=None):
         ids = []
-        for item in info["layout"]:
+        for item in layout:
             if item == up_to:
                 break
             ids += slots[item] if isinstance(item, str) else item

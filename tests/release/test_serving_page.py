@@ -168,6 +168,7 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
 
         browser.call("Browser.grantPermissions", origin=url,
                      permissions=["clipboardReadWrite", "clipboardSanitizedWrite"])
+        browser.call("Page.bringToFront")  # the clipboard API wants a focused document
         browser.click("#copy")
         browser.wait("document.getElementById('status').textContent.startsWith('copied')", 30)
         markdown = browser.js("navigator.clipboard.readText()")
@@ -189,7 +190,7 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
         assert "error" in states and "stopped" not in states, states
         errors = browser.js("[...document.querySelectorAll('.column[data-state=error] .state')].map(e => e.textContent)")
         assert all("server not reachable or connection lost" in e for e in errors), errors
-        assert serve.wait(timeout=60) == 0
+        assert serve.wait(timeout=60) in (0, 143)  # stopped by the signal it was sent (143 once serve says so)
 
         _ask(browser, "Anyone there?", 8)  # and with no server at all, every column says so at once
         browser.wait(DONE, 30)
