@@ -30,20 +30,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 HOST = "127.0.0.1"  # loopback only, whatever the arguments say
 REQUEST_TIMEOUT = 300.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 def rss_mb(pid: int) -> dict:
@@ -76,7 +70,7 @@ def level(url: str, pid: int, jobs: list[tuple[str, int]], prompts, loras: dict,
         raise TimeoutError(f"concurrency {concurrency}: {len(pending)} of {len(jobs)} requests still running after "
                            f"{deadline_s:.0f} s")
     answers = [f.result() for f in futures]
-    latencies = [latency for _, latency in answers]
+    latencies = np.array([latency for _, latency in answers])
     bleed = other = 0
     for (name, i), (tokens, _) in zip(jobs, answers):
         if tokens != reference[name, i]:
@@ -84,8 +78,8 @@ def level(url: str, pid: int, jobs: list[tuple[str, int]], prompts, loras: dict,
             other += any(tokens == reference[n, i] for n in loras if n != name)
     tokens = sum(len(t) for t, _ in answers)
     return {"concurrency": concurrency, "requests": len(jobs), "wall_s": round(wall, 2),
-            "p50_s": round(percentile(latencies, 50), 3), "p95_s": round(percentile(latencies, 95), 3),
-            "p99_s": round(percentile(latencies, 99), 3), "max_s": round(max(latencies), 3),
+            **{f"p{q}_s": round(float(np.percentile(latencies, q)), 3) for q in (50, 95, 99)},
+            "max_s": round(float(latencies.max()), 3),
             "generated_tokens": tokens, "tokens_per_s": round(tokens / wall, 1), "rss_mb": rss_mb(pid),
             "bleed": bleed, "bleed_equal_to_another_adapter": other}
 

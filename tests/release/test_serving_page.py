@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -52,7 +53,7 @@ def demo_bundle(tmp_path_factory):
         sys.path.insert(0, str(REPO / "scripts"))
         from serve_check import train_demo
 
-        adapters = [str(a) for a in train_demo(root / "adapters")]
+        adapters = [str(a) for a in train_demo(root / "adapters", steps=6, batch=1)]
     out = root / "demo, bundle"
     subprocess.run([sys.executable, "-m", "tear_lora.cli", "bundle", *adapters, "--out", str(out), "--gguf", "f16",
                     "--dtype", "fp32"], check=True, cwd=REPO, capture_output=True, timeout=3600)
@@ -124,7 +125,7 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
         for header, entry in zip(headers[1:], manifest["adapters"]):
             data = entry["tear_lora"]["data"]["train"]["source_sha256"][:12]
             steps = entry["tear_lora"]["metrics"]["global_step"]
-            assert entry["name"] in header and f"λ {entry['lambda']}" in header, header
+            assert entry["name"] in header and f"λ {entry['lambda']:g}" in header, header  # JS prints 2.0 as 2
             assert f"seed {entry['seed']}" in header and f"{steps} steps" in header and data in header, header
 
         text = json.loads((REPO / "data/raw/eval.jsonl").read_text().splitlines()[0])["input"]
@@ -189,7 +190,7 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
         states = browser.js(STATES)
         assert "error" in states and "stopped" not in states, states
         errors = browser.js("[...document.querySelectorAll('.column[data-state=error] .state')].map(e => e.textContent)")
-        assert all("server not reachable or connection lost" in e for e in errors), errors
+        assert errors and all("server not reachable" in e for e in errors), errors  # a broken stream, or /health
         assert serve.wait(timeout=60) in (0, 143)  # stopped by the signal it was sent (143 once serve says so)
 
         _ask(browser, "Anyone there?", 8)  # and with no server at all, every column says so at once
@@ -218,7 +219,7 @@ def test_the_page_asks_for_the_api_key_once(demo_bundle, tmp_path):
     key = "k3y-for-the-page-test"
     browser = None
     with open(tmp_path / "server.log", "w") as log, page_dir(demo_bundle, manifest) as public:
-        command = server_command(find_llama_server(), demo_bundle, manifest, "127.0.0.1", port,
+        command = server_command(find_llama_server(), Path(demo_bundle), manifest, "127.0.0.1", port,
                                  extra=["--path", str(public), "--api-key", key])
         with LlamaServer(command, "127.0.0.1", port, log=log) as server:
             try:
