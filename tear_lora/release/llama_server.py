@@ -178,7 +178,8 @@ def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port:
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the server as Ctrl-C does
     try:
         # the side-by-side page (serve_page.py) from llama-server's --path: one process, one origin
-        with page_dir(bundle_dir, manifest) as public, \
+        loras = {e["name"]: lora_field(manifest, e["name"]) for e in manifest["adapters"]}
+        with page_dir(bundle_dir, manifest, loras) as public, \
                 LlamaServer(command + ["--path", str(public)], host, port, log=sys.stderr) as server:
             print(f"llama-server on {server.url}: base {manifest['base_gguf']}, "
                   f"{len(manifest['adapters'])} adapters (Ctrl-C stops it)")

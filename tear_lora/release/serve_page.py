@@ -55,19 +55,18 @@ def _column(entry: dict | None, lora: list[dict]) -> dict:
             "lora": lora}
 
 
-def page_info(bundle_dir: Path, manifest: dict, tokenizer) -> dict:
-    """page.json: the bundle's columns (the base first) and the prompt layout."""
-    from .llama_server import lora_field
-
-    zeros = [{"id": i, "scale": 0.0} for i in range(len(manifest["adapters"]))]
-    columns = [_column(None, zeros)] + [_column(e, lora_field(manifest, e["name"])) for e in manifest["adapters"]]
+def page_info(bundle_dir: Path, manifest: dict, loras: dict[str, list[dict]], tokenizer) -> dict:
+    """page.json: the bundle's columns (the base first: every scale 0) and the prompt layout. `loras`: each
+    adapter's per-request `lora` list (llama_server.lora_field)."""
+    zeros = [{**x, "scale": 0.0} for x in next(iter(loras.values()))]
+    columns = [_column(None, zeros)] + [_column(e, loras[e["name"]]) for e in manifest["adapters"]]
     base = (manifest.get("base_model") or {}).get("name_or_path") or "?"
     return {"kind": "tear_lora-page", "bundle": Path(bundle_dir).resolve().name, "base_model": public_name(base),
             "gguf_type": manifest.get("gguf_type"), "columns": columns, "layout": prompt_layout(tokenizer)}
 
 
 @contextmanager
-def page_dir(bundle_dir: str | Path, manifest: dict):
+def page_dir(bundle_dir: str | Path, manifest: dict, loras: dict[str, list[dict]]):
     """A temporary directory holding index.html and page.json, for llama-server's `--path`; removed on exit."""
     from transformers import AutoTokenizer
 
@@ -76,7 +75,7 @@ def page_dir(bundle_dir: str | Path, manifest: dict):
     directory = Path(tempfile.mkdtemp(prefix="tear-lora-page-"))
     try:
         atomic_write_bytes(directory / "index.html", PAGE_HTML.read_bytes())
-        atomic_write_json(directory / "page.json", page_info(bundle_dir, manifest, tokenizer))
+        atomic_write_json(directory / "page.json", page_info(bundle_dir, manifest, loras, tokenizer))
         yield directory
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -170,10 +170,12 @@ def test_page_dir_columns(bundled, pair):
     """The page's page.json: the base then each adapter with λ, seed, steps, data hash (bundle.json) and the `lora`
     list that selects it. The directory goes when serve ends."""
     from tear_lora.recipe import load_recipe
+    from tear_lora.release.llama_server import lora_field
     from tear_lora.release.serve_page import page_dir
 
     manifest = json.loads((bundled / BUNDLE_FILE).read_text())
-    with page_dir(bundled, manifest) as public:
+    loras = {e["name"]: lora_field(manifest, e["name"]) for e in manifest["adapters"]}
+    with page_dir(bundled, manifest, loras) as public:
         info = json.loads((public / "page.json").read_text())
         assert (public / "index.html").read_bytes().startswith(b"<!doctype html>")
     assert not public.exists()

@@ -211,14 +211,15 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
 def test_the_page_asks_for_the_api_key_once(demo_bundle, tmp_path):
     """llama-server with --api-key keeps the page public and page.json, /tokenize, /completion behind the key:
     the page asks for it, says when it is refused, then sends it with every request."""
-    from tear_lora.release.llama_server import LlamaServer, find_llama_server, server_command
+    from tear_lora.release.llama_server import LlamaServer, find_llama_server, lora_field, server_command
     from tear_lora.release.serve_page import page_dir
 
     manifest = json.loads(open(os.path.join(demo_bundle, "bundle.json")).read())
     port = _free_port()
     key = "k3y-for-the-page-test"
     browser = None
-    with open(tmp_path / "server.log", "w") as log, page_dir(demo_bundle, manifest) as public:
+    loras = {e["name"]: lora_field(manifest, e["name"]) for e in manifest["adapters"]}
+    with open(tmp_path / "server.log", "w") as log, page_dir(demo_bundle, manifest, loras) as public:
         command = server_command(find_llama_server(), Path(demo_bundle), manifest, "127.0.0.1", port,
                                  extra=["--path", str(public), "--api-key", key])
         with LlamaServer(command, "127.0.0.1", port, log=log) as server:
