@@ -32,8 +32,9 @@ sys.path.insert(0, str(REPO))
 NEAR_TIE = 0.05  # top-2 logit gap under which an f16 GGUF may pick the other token
 
 
-def train_demo(root: Path, steps: int = 12) -> list[Path]:
-    """Two demo adapters (λ 0 and 2) on SmolLM2-135M, trained briefly: enough to differ and to close spans."""
+def train_demo(root: Path, steps: int = 12, batch: int = 3) -> list[Path]:
+    """Two demo adapters (λ 0 and 2) on SmolLM2-135M, trained briefly: enough to differ and to close spans.
+    Without 4-bit: bitsandbytes' NF4 matmuls on a CPU take minutes a step on 2 shared cores."""
     subprocess.run([sys.executable, str(REPO / "scripts/make_demo_model.py")], check=True, cwd=REPO)
     out = []
     for lam in (0, 2):
@@ -42,7 +43,9 @@ def train_demo(root: Path, steps: int = 12) -> list[Path]:
             subprocess.run([sys.executable, "-m", "tear_lora.cli", "train", "recipes/demo-cpu.yaml",
                             "--set", f"objective.lambda={lam}", "--set", f"output.run_name={run}",
                             "--set", f"output.dir={root}", "--set", f"data.processed_dir={root}/processed",
+                            "--set", "model.load_in_4bit=false",
                             "--set", f"training.max_steps={steps}", "--set", "training.learning_rate=3e-3",
+                            "--set", f"training.per_device_train_batch_size={batch}",
                             "--set", "training.warmup_steps=2", "--set", f"training.save_steps={steps}",
                             "--set", "training.report_to=none"], check=True, cwd=REPO)
         out.append(root / run)

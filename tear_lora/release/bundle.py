@@ -41,6 +41,7 @@ BUNDLE_KIND_SHORT = "bundle"  # the completion marker's kind (rundir.check_repla
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 GGUF_TYPES = ("f16", "q8_0")
+DEFAULT_SEED = 42  # transformers' TrainingArguments.seed, when a recipe leaves training.seed out
 
 
 class BundleError(AdapterError):
@@ -268,7 +269,8 @@ def _write_bundle(adapters, metas, names, build: Path, gguf, dtype, base, trust_
     for adapter, meta, name in zip(adapters, metas, names):
         peft_dir = f"{ADAPTERS_DIR}/{name}"
         lora = write_plain_lora(model, adapter, build / peft_dir, BASE_DIR)  # its base: the bundle's base/
-        entries.append({"name": name, "lambda": meta.get("lambda"), "peft_dir": peft_dir, "gguf": None,
+        seed = adapter_recipe(adapter, base, trust_remote_code).training.get("seed", DEFAULT_SEED)  # page headers
+        entries.append({"name": name, "lambda": meta.get("lambda"), "seed": seed, "peft_dir": peft_dir, "gguf": None,
                         "source": adapter.name, "lora": lora, "tear_lora": public_meta(meta)})
     del model
     base_gguf = None

@@ -68,6 +68,9 @@ def manifest_problem(directory: Path, manifest: Any) -> str | None:
         lam = entry.get("lambda")
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
             return f"{where}.lambda must be a number, got {_short(lam)}"
+        seed = entry.get("seed")  # shown in the page's column header
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            return f"{where}.seed must be an integer, got {_short(seed)}"
         problem = file_problem(directory, entry.get("peft_dir"), f"{where}.peft_dir", directory=True)
         if problem is None and (base_gguf is not None or entry.get("gguf") is not None):
             problem = file_problem(directory, entry.get("gguf"), f"{where}.gguf")

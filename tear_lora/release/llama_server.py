@@ -5,13 +5,15 @@ vendors (convert_lora_to_gguf.py with its own gguf-py) and builds the standalone
 `.cache/llama.cpp/` of the project. The converter runs as a subprocess of that tree, never copied into ours.
 
 The server is driven over plain HTTP (urllib; the `openai` client is not needed): llama-server loads the serving
-base once and every LoRA beside it (`--lora` per adapter, `--lora-init-without-apply`), and each request names the
+base once and every LoRA beside it (`--lora a.gguf,b.gguf`, `--lora-init-without-apply`), and each request names the
 adapter it wants in `"lora": [{"id": i, "scale": s}, ...]`. The full list goes with every request, zeros included
 (llama-server otherwise keeps the scales of the slot's previous request). It binds 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import ipaddress
 import json
 import os
@@ -83,9 +85,16 @@ def server_command(binary: str, bundle_dir: Path, manifest: dict, host: str, por
     if not manifest.get("base_gguf"):
         raise LlamaServerError(f"{bundle_dir}: the bundle has no GGUF files; make it with `tear-lora bundle ... --gguf f16`")
     command = [binary, "-m", str(bundle_dir / manifest["base_gguf"]), "--host", host, "--port", str(port)]
-    for entry in manifest["adapters"]:
-        command += ["--lora", str(bundle_dir / entry["gguf"])]
+    command += ["--lora", lora_list([bundle_dir / entry["gguf"] for entry in manifest["adapters"]])]
     return command + ["--lora-init-without-apply", "--jinja", *extra]
+
+
+def lora_list(paths) -> str:
+    """One `--lora` value for every adapter: llama.cpp reads it as a CSV row (a repeated `--lora` is deprecated),
+    so a path holding a comma or a quote is quoted, quotes doubled."""
+    row = io.StringIO()
+    csv.writer(row, lineterminator="").writerow([str(p) for p in paths])
+    return row.getvalue()
 
 
 def lora_field(manifest: dict, name: str) -> list[dict]:
@@ -218,6 +227,8 @@ def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port:
     start-up wait and the serving loop read it. Exit status: 130 / 143 stopped by SIGINT / SIGTERM (start-up
     included); a server that dies by itself is an error naming its status.
     """
+    from .serve_page import page_dir
+
     bundle_dir = Path(bundle_dir)
     key = read_api_key(api_key, api_key_file, host)
     command = server_command(find_llama_server(), bundle_dir, manifest, host, port)
@@ -226,9 +237,14 @@ def serve(bundle_dir: str | Path, manifest: dict, host: str = "127.0.0.1", port:
     previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with LlamaServer(command, host, port, log=2, env=env, stop_requested=lambda: bool(received)) as server:  # its log: our stderr
+        # the side-by-side page (serve_page.py) from llama-server's --path: one process, one origin
+        loras = {e["name"]: lora_field(manifest, e["name"]) for e in manifest["adapters"]}
+        with page_dir(bundle_dir, manifest, loras) as public, \
+                LlamaServer(command + ["--path", str(public)], host, port, log=2, env=env,
+                            stop_requested=lambda: bool(received)) as server:  # its log: our stderr
             print(f"llama-server on {server.url}: base {manifest['base_gguf']}, {len(manifest['adapters'])} "
                   f"adapters{' (clients send the API key)' if key else ''} (Ctrl-C stops it)")
+            print(f"every adapter side by side: open {server.url}/ in a browser")
             for line in example_requests(server.url, manifest, api_key=bool(key)):
                 print(line)
             sys.stdout.flush()

@@ -203,3 +203,64 @@ def test_a_merged_dir_is_refused_in_one_line(pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1 and "a merged model dir, not an adapter dir" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_page_dir_columns(bundled, pair):
+    """The page's page.json: the base then each adapter with λ, seed, steps, data hash (bundle.json) and the `lora`
+    list that selects it. The directory goes when serve ends."""
+    from tear_lora.recipe import load_recipe
+    from tear_lora.release.llama_server import lora_field
+    from tear_lora.release.serve_page import page_dir
+
+    manifest = json.loads((bundled / BUNDLE_FILE).read_text())
+    loras = {e["name"]: lora_field(manifest, e["name"]) for e in manifest["adapters"]}
+    with page_dir(bundled, manifest, loras) as public:
+        info = json.loads((public / "page.json").read_text())
+        assert (public / "index.html").read_bytes().startswith(b"<!doctype html>")
+    assert not public.exists()
+    assert [c["name"] for c in info["columns"]] == ["base", "pair-lambda0", "pair-lambda2"]
+    assert info["columns"][0]["lora"] == [{"id": 0, "scale": 0.0}, {"id": 1, "scale": 0.0}]
+    for column, source, chosen in zip(info["columns"][1:], (pair["a"], pair["b"]), (0, 1)):
+        meta = json.loads((source / "tear_lora.json").read_text())
+        assert column["lambda"] == meta["lambda"] and column["steps"] == meta["metrics"]["global_step"] == 2
+        assert column["seed"] == load_recipe(source / "recipe.yaml", saved=True).training.get("seed", 42)
+        assert column["data_sha256"] == meta["data"]["train"]["source_sha256"]
+        assert [x["scale"] for x in column["lora"]] == [float(i == chosen) for i in range(2)]
+
+
+def test_page_prompt_layout_is_template_encode(tokenizer):
+    """The page's prompt layout, its slots filled with encode_text ids (what llama-server's /tokenize gives with
+    parse_special off), is exactly template.encode's response prompt and witness prompt: what `tear-lora
+    generate` feeds the model. A tag string inside the text stays text."""
+    from tear_lora.data import template
+    from tear_lora.release.serve_page import prompt_layout
+
+    layout = prompt_layout(tokenizer)
+    text = {"input": 'Is "<|witness|>" a tag?', "response": "It is text here."}
+    slots = {k: template.encode_text(tokenizer, v) for k, v in text.items()}
+
+    def filled(up_to=None):
+        ids = []
+        for item in layout:
+            if item == up_to:
+                break
+            ids += slots[item] if isinstance(item, str) else item
+        return ids
+
+    assert filled("response") == template.encode(tokenizer, template.segments(text["input"]))[0]
+    assert filled() == template.encode(tokenizer, template.segments(text["input"], text["response"]))[0]
+
+
+def test_one_lora_flag_as_a_csv_row(tmp_path):
+    """Every adapter in one `--lora` (repeating it is deprecated in llama.cpp), quoted as llama.cpp's
+    parse_csv_row reads a field: a path with a comma or a quote stays one path."""
+    import csv
+
+    from tear_lora.release.llama_server import server_command
+
+    paths = ["adapters/a-f16.gguf", 'adapters/b, "odd"-f16.gguf']
+    manifest = {"base_gguf": "base-f16.gguf", "adapters": [{"gguf": p} for p in paths]}
+    command = server_command("llama-server", tmp_path, manifest, "127.0.0.1", 8080, extra=["--path", "/x"])
+    assert command.count("--lora") == 1 and command[-2:] == ["--path", "/x"]
+    value = command[command.index("--lora") + 1]
+    assert next(csv.reader([value])) == [str(tmp_path / p) for p in paths]
