@@ -28,8 +28,8 @@ from tear_lora.rundir import incomplete_reason
 class Adapter:
     """An adapter dir opened once: everything a verb needs from its files, checked, passed down instead of re-read.
 
-    `recipe` is the adapter's own recipe.yaml pointed at `base` when given; `base` is the identity of the base that
-    recipe points at (for a local dir, a hash of its weights). An adapter opened `like` another of the same base
+    `recipe` is the adapter's own recipe.yaml pointed at `base` when given (`recipe_text`: the file as read, which a
+    merge copies); `base` is the identity of the base that recipe points at (for a local dir, a hash of its weights). An adapter opened `like` another of the same base
     shares that one's recipe, tokenizer and base identity: one base is loaded for all of them, with the first's
     recipe, and the follower's own recipe.yaml is not read.
     """
@@ -39,6 +39,7 @@ class Adapter:
     metadata: dict[str, Any]
     tokenizer: Any
     base: dict[str, Any]
+    recipe_text: str | None = None
 
     @property
     def name(self) -> str:
@@ -57,11 +58,12 @@ def open_adapter(adapter_dir: str | Path, base: str | None = None, trust_remote_
         return Adapter(adapter_dir, like.recipe, metadata, like.tokenizer, like.base)
     from tear_lora.train.model import load_tokenizer_for
 
-    recipe = _saved_recipe(adapter_dir, base, trust_remote_code)
+    text = _recipe_text(adapter_dir)
+    recipe = _saved_recipe(adapter_dir, base, trust_remote_code, text)
     tokenizer = load_tokenizer_for(recipe)
     given = given_base(recipe)
     check_base(adapter_dir, recipe, tokenizer, given, metadata)
-    return Adapter(adapter_dir, recipe, metadata, tokenizer, given)
+    return Adapter(adapter_dir, recipe, metadata, tokenizer, given, text)
 
 
 def open_adapters(adapter_dirs, base: str | None = None, trust_remote_code: bool = False,
@@ -80,10 +82,18 @@ def _adapter_metadata(adapter_dir: Path) -> dict[str, Any]:
     return read_metadata(adapter_dir)
 
 
-def _saved_recipe(adapter_dir: Path, base: str | None, trust_remote_code: bool):
+def _recipe_text(adapter_dir: Path) -> str | None:
+    """recipe.yaml as written, or None where it cannot be read as text (load_recipe then names the problem)."""
+    try:
+        return (adapter_dir / "recipe.yaml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _saved_recipe(adapter_dir: Path, base: str | None, trust_remote_code: bool, text: str | None = None):
     from tear_lora.recipe import load_recipe
 
-    recipe = load_recipe(adapter_dir / "recipe.yaml", saved=True)
+    recipe = load_recipe(adapter_dir / "recipe.yaml", saved=True, text=text)
     recipe.model.trust_remote_code = trust_remote_code
     if base is not None:
         recipe.model.name_or_path = str(base)
