@@ -179,6 +179,7 @@ class AdapterSet:
         self.recipe, self.tokenizer, self._base_identity = first.recipe, first.tokenizer, first.base
         self.metadata: dict[str, dict[str, Any]] = {}
         self.dirs: dict[str, Path] = {}
+        self.opened: dict[str, Adapter] = {}
         self.adapter_load_s: dict[str, float] = {}
         self._check_quantization(first)  # refuse before the slow part
         started = time.perf_counter()
@@ -212,7 +213,7 @@ class AdapterSet:
         else:
             self.model.load_adapter(str(adapter.dir), adapter_name=peft_name(label))
         self.model.eval()
-        self.metadata[label], self.dirs[label] = adapter.metadata, adapter.dir
+        self.metadata[label], self.dirs[label], self.opened[label] = adapter.metadata, adapter.dir, adapter
         self.adapter_load_s[label] = time.perf_counter() - started
         return label
 
