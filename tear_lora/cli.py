@@ -115,6 +115,7 @@ def cmd_merge(args) -> int:
     """Exit 0 merged (and verified), 2 user error, 3 verify beyond tolerance (the merge or any GGUF)."""
     from tear_lora.release.gguf_verify import describe
     from tear_lora.release.merge import all_passed, merge
+    from tear_lora.release.verify import describe_bounds
 
     out = merge(args.adapter, args.out, args.base_weights, args.dtype, args.base, args.trust_remote_code,
                 verify_rows=args.rows if args.verify else None, verify_data=args.data, gguf=args.gguf,
@@ -129,7 +130,7 @@ def cmd_merge(args) -> int:
     r = read_json(out / "verify.json")  # verified inside the merge, before the output was marked complete
     print(f"verify, {r['rows']} rows / {r['positions']} positions: max |Δlogit| {r['max_abs_logit']:.3g}, mean KL "
           f"{r['mean_kl']:.3g}, top-1 agreement {r['top1_agreement']:.4f}: "
-          f"{'within' if r['passed'] else 'BEYOND'} tolerance {r['tolerance']}")
+          f"{'within' if r['passed'] else 'BEYOND'} tolerance: {describe_bounds(r['tolerance'], r.get('floor'))}")
     for g in (r.get("gguf") or {}).values():
         print(f"verify GGUF {describe(g)}")
     return 0 if all_passed(r) else 3
@@ -138,6 +139,7 @@ def cmd_merge(args) -> int:
 def cmd_bundle(args) -> int:
     """Exit 0 written (and verified), 2 user error, 3 verify beyond tolerance (an adapter or a GGUF)."""
     from tear_lora.release.bundle import bundle
+    from tear_lora.release.verify import describe_bounds
 
     out = bundle(args.adapters, args.out, gguf=args.gguf, dtype=args.dtype, base=args.base,
                  trust_remote_code=args.trust_remote_code, verify_rows=args.rows if args.verify else None,
@@ -153,10 +155,11 @@ def cmd_bundle(args) -> int:
     r = read_json(out / "verify.json")  # verified in the build dir, before the marker
     for name, check in r["adapters"].items():
         gguf = check.get("gguf")
-        print(f"verify {name}, {r['rows']} rows / {check['positions']} positions vs its merged model: max |Δlogit| "
-              f"{check['max_abs_logit']:.3g}, mean KL {check['mean_kl']:.3g}, top-1 {check['top1_agreement']:.4f}: "
-              f"{'within' if check['passed'] else 'BEYOND'} tolerance"
+        print(f"verify {name}, {r['rows']} rows / {check['positions']} positions vs the adapter on its 4-bit base: "
+              f"max |Δlogit| {check['max_abs_logit']:.3g}, mean KL {check['mean_kl']:.3g}, top-1 "
+              f"{check['top1_agreement']:.4f}: {'within' if check['passed'] else 'BEYOND'} tolerance"
               + (f"; LoRA GGUF max |Δ| {gguf['max_abs']:.3g}: {'passed' if gguf['passed'] else 'FAILED'}" if gguf else ""))
+    print(f"verify tolerance: {describe_bounds(r['tolerance'], r.get('floor'))}")
     if r.get("base_gguf"):
         from tear_lora.release.gguf_verify import describe
 
@@ -368,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf", choices=("f16", "q8_0"), help="also write the base and each LoRA as llama.cpp GGUF "
                    "(needs the [gguf] extra and scripts/build_llama_server.sh for llama.cpp's LoRA converter)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="serving base dtype (default bf16)")
-    _verify_args(p, "each adapter's serving base + LoRA vs its merged model, and the GGUFs read back",
+    _verify_args(p, "each adapter's serving base + LoRA vs the adapter on its 4-bit base, and the GGUFs read back",
                  "the first adapter's eval file")
     _release_args(p, report=False)
     p.set_defaults(func=cmd_bundle)

@@ -31,6 +31,7 @@ METADATA_FILE = "tear_lora.json"
 # retraining them would cost hours for a check that guards against corruption only; they get a warning and
 # a safetensors-header truncation test instead.
 METADATA_VERSION = 2
+DEFAULT_SEED = 42  # transformers' TrainingArguments.seed, when a recipe leaves training.seed out
 HASHED_FILES = ("adapter_model.safetensors", "adapter_config.json")
 _warned_unhashed: set[str] = set()
 
@@ -142,6 +143,7 @@ def write_run_metadata(run_dir: Path, recipe, tokenizer, train_manifest: dict, e
         "run_name": recipe.output.run_name,
         "lambda": recipe.objective.lambda_,
         "lambda_warmup_steps": recipe.objective.lambda_warmup_steps,
+        "seed": recipe.training.get("seed", DEFAULT_SEED),  # with λ, base and data: what tells two runs apart
         "base": base_identity(cfg.name_or_path, cfg.revision, config),
         "quantization": quantization_identity(cfg),
         "tokenizer": {"hash": tokenizer_hash(tokenizer), "size": len(tokenizer)},
@@ -213,6 +215,9 @@ def field_problem(metadata: dict[str, Any]) -> str | None:
     lam = metadata.get("lambda")
     if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
         return f"lambda must be a number, got {lam!r}"
+    seed = metadata.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        return f"seed must be an integer, got {seed!r}"
     base = metadata.get("base")
     if not isinstance(base, dict) or not isinstance(base.get("name_or_path"), str):
         return "base.name_or_path is missing or not a string"

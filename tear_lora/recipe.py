@@ -187,11 +187,13 @@ class Recipe:
 # ---- loading -------------------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, saved: bool = False) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, saved: bool = False,
+                text: str | None = None) -> Recipe:
     """Read a YAML recipe, apply `key.path=value` overrides, and validate it into a Recipe. `saved`: the recipe.yaml
-    next to an adapter, whose credentials are masked on read instead of refused (older adapters may hold one)."""
+    next to an adapter, whose credentials are masked on read instead of refused (older adapters may hold one).
+    `text`: the file's contents, already read by the caller."""
     path = Path(path)
-    raw, lines = read_yaml(path)
+    raw, lines = read_yaml(path, text)
     for item in overrides or []:
         apply_override(raw, item)
     if saved:

@@ -24,12 +24,13 @@ class RecipeError(ValueError):
 
 
 
-def read_yaml(path: Path) -> tuple[dict, dict[str, int]]:
-    """(the recipe file as a dict, each dotted key path's line); every problem a RecipeError naming FILE:LINE."""
-    if not path.is_file():
+def read_yaml(path: Path, text: str | None = None) -> tuple[dict, dict[str, int]]:
+    """(the recipe file as a dict, each dotted key path's line); every problem a RecipeError naming FILE:LINE.
+    `text`: the file's contents when the caller has already read them."""
+    if text is None and not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if text is None else text
         lines = key_lines(yaml.compose(text), str(path))  # first: refuses duplicate keys before they are lost
         raw = yaml.safe_load(text) or {}
     except UnicodeDecodeError as e:

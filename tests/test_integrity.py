@@ -225,7 +225,7 @@ def test_trust_remote_code_is_never_taken_from_the_adapter(adapter, tiny_model_d
 
 @pytest.fixture()
 def no_loading(monkeypatch):
-    monkeypatch.setattr(export, "adapter_recipe", lambda *a, **k: pytest.fail("merge loaded the adapter"))
+    monkeypatch.setattr(export, "open_adapter", lambda *a, **k: pytest.fail("merge loaded the adapter"))
 
 
 @pytest.mark.parametrize("out", ["/", Path.home(), PROJECT_ROOT, PROJECT_ROOT.parent], ids=str)

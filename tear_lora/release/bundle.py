@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from tear_lora.metadata import AdapterError, public_name, read_metadata, same_base
+from tear_lora.adapters import open_adapters
+from tear_lora.metadata import DEFAULT_SEED, AdapterError, public_name, read_metadata, same_base
 from tear_lora.rundir import (
     atomic_write_json,
     atomic_write_text,
@@ -41,7 +42,6 @@ BUNDLE_KIND_SHORT = "bundle"  # the completion marker's kind (rundir.check_repla
 BASE_DIR = "base"
 ADAPTERS_DIR = "adapters"
 GGUF_TYPES = ("f16", "q8_0")
-DEFAULT_SEED = 42  # transformers' TrainingArguments.seed, when a recipe leaves training.seed out
 
 
 class BundleError(AdapterError):
@@ -218,17 +218,28 @@ def bundle(adapters, out_dir, gguf: str | None = None, dtype: str = "bf16", base
     names = adapter_names(metas, adapters)
     with replacing(out_dir, BUNDLE_KIND_SHORT, BUNDLE_FILE, overwrite, "pass --overwrite", "bundle",
                    legacy=True) as build:
-        manifest = _write_bundle(adapters, metas, names, build, gguf, dtype, base, trust_remote_code,
+        opened = open_adapters(adapters, base, trust_remote_code, metas)  # read once: the bundle and --verify
+        manifest = _write_bundle(opened, names, build, gguf, dtype, trust_remote_code,
                                  bool(verify_rows) and not verify_data)
         if verify_rows:
             from .bundle_verify import verify_bundle
 
-            verify_bundle(build, adapters, manifest, verify_data, verify_rows, base, trust_remote_code)
+            verify_bundle(build, opened, manifest, verify_data, verify_rows, trust_remote_code)
         from .bundle_card import write_bundle_card
 
         write_bundle_card(build, out_dir.name)
         write_complete_marker(build, kind=BUNDLE_KIND_SHORT)
     return out_dir
+
+
+def adapter_seed(adapter) -> int:
+    """The seed an adapter was trained with: tear_lora.json records it; an adapter older than that field has it
+    in its own recipe.yaml (an adapter opened `like` another carries the first one's recipe, so read its own)."""
+    if adapter.metadata.get("seed") is not None:
+        return adapter.metadata["seed"]
+    from tear_lora.adapters import adapter_recipe
+
+    return adapter_recipe(adapter.dir).training.get("seed", DEFAULT_SEED)
 
 
 def public_meta(meta: dict) -> dict:
@@ -242,23 +253,18 @@ def public_meta(meta: dict) -> dict:
     return meta
 
 
-def _write_bundle(adapters, metas, names, build: Path, gguf, dtype, base, trust_remote_code,
+def _write_bundle(opened, names, build: Path, gguf, dtype, trust_remote_code,
                   needs_eval_file: bool) -> dict:
-    """Serving base (HF dir, GGUF), one plain LoRA (and LoRA GGUF) per adapter, bundle.json; returns the manifest."""
-    from tear_lora.adapters import adapter_recipe, check_base, given_base
+    """Serving base (HF dir, GGUF), one plain LoRA (and LoRA GGUF) per adapter, bundle.json; returns the manifest.
+    `opened`: the adapters as open_adapters read them (one base, checked)."""
     from tear_lora.data import template
-    from tear_lora.train.model import load_tokenizer_for
 
     from .llama_server import convert_lora
     from .merge import EXPORT_DTYPES, generation_config, load_merge_base
 
-    recipe = adapter_recipe(adapters[0], base, trust_remote_code)
+    recipe, tokenizer = opened[0].recipe, opened[0].tokenizer
     if needs_eval_file and not recipe.data.eval_file:
-        raise BundleError(f"{adapters[0]}: the recipe has no data.eval_file; pass --data FILE for --verify")
-    tokenizer = load_tokenizer_for(recipe)
-    given = given_base(recipe)
-    for adapter in adapters:
-        check_base(adapter, recipe, tokenizer, given)
+        raise BundleError(f"{opened[0].dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
     model = load_merge_base(recipe, tokenizer, "dequantized", EXPORT_DTYPES[dtype]).eval()
     untie(model)
     model.generation_config = generation_config(model, tokenizer)
@@ -266,26 +272,26 @@ def _write_bundle(adapters, metas, names, build: Path, gguf, dtype, base, trust_
     tokenizer.chat_template = template.chat_template_for(tokenizer)
     tokenizer.save_pretrained(build / BASE_DIR)
     entries = []
-    for adapter, meta, name in zip(adapters, metas, names):
+    for adapter, name in zip(opened, names):
         peft_dir = f"{ADAPTERS_DIR}/{name}"
-        lora = write_plain_lora(model, adapter, build / peft_dir, BASE_DIR)  # its base: the bundle's base/
-        seed = adapter_recipe(adapter, base, trust_remote_code).training.get("seed", DEFAULT_SEED)  # page headers
-        entries.append({"name": name, "lambda": meta.get("lambda"), "seed": seed, "peft_dir": peft_dir, "gguf": None,
-                        "source": adapter.name, "lora": lora, "tear_lora": public_meta(meta)})
+        lora = write_plain_lora(model, adapter.dir, build / peft_dir, BASE_DIR)  # its base: the bundle's base/
+        seed = adapter_seed(adapter)  # page headers
+        entries.append({"name": name, "lambda": adapter.metadata.get("lambda"), "seed": seed, "peft_dir": peft_dir,
+                        "gguf": None, "source": adapter.dir.name, "lora": lora, "tear_lora": public_meta(adapter.metadata)})
     del model
     base_gguf = None
     if gguf:
         from .gguf import write_gguf
 
         base_gguf = f"{BASE_DIR}-{gguf}.gguf"
-        write_gguf(build / BASE_DIR, gguf, build / base_gguf, name=f"{metas[0]['run_name']}-serving-base")
+        write_gguf(build / BASE_DIR, gguf, build / base_gguf, name=f"{opened[0].metadata['run_name']}-serving-base")
         for entry in entries:
             entry["gguf"] = f"{ADAPTERS_DIR}/{entry['name']}-{gguf}.gguf"
             convert_lora(build / entry["peft_dir"], build / BASE_DIR, gguf, build / entry["gguf"], trust_remote_code)
     for pattern in ("**/*.safetensors", "**/*.gguf"):  # safetensors writes 0600: the usual modes, as merge's
         usual_permissions(build, pattern)
     manifest = {"kind": BUNDLE_KIND, "format_version": 1, "base": BASE_DIR, "base_gguf": base_gguf,
-                "gguf_type": gguf, "dtype": dtype, "base_model": public_meta(metas[0])["base"],
-                "structural_tokens": metas[0].get("structural_tokens"), "adapters": entries}
+                "gguf_type": gguf, "dtype": dtype, "base_model": public_meta(opened[0].metadata)["base"],
+                "structural_tokens": opened[0].metadata.get("structural_tokens"), "adapters": entries}
     atomic_write_json(build / BUNDLE_FILE, manifest)
     return manifest

@@ -122,9 +122,12 @@ def _verify_cell(verified: dict | None, name: str) -> str:
 
 
 def _verify_line(verified: dict | None) -> str:
+    from .verify import describe_bounds
+
     if not verified:
         return "not run (`tear-lora bundle ... --verify`)."
     base = verified.get("base_gguf")
     return (f"{'passed' if verified['passed'] else 'FAILED'} on {verified['rows']} held-out rows: each adapter's "
-            f"serving base + plain LoRA against its merged model (tolerance {verified['tolerance']})"
+            f"serving base + plain LoRA against the adapter on its 4-bit base, as trained: "
+            f"{describe_bounds(verified['tolerance'], verified.get('floor'))}"
             + (f"; base GGUF {'passed' if base['passed'] else 'FAILED'}" if base else "") + ".")

@@ -1,12 +1,14 @@
-"""`tear-lora bundle --verify`: every rewritten adapter against the model it replaces, and the GGUFs read back.
+"""`tear-lora bundle --verify`: every rewritten adapter against the adapter as trained, and the GGUFs read back.
 
 For each adapter: the serving base + its plain LoRA, loaded from the bundle's files by plain transformers and
-PEFT, against that adapter's merged model (export.merge_into on the dequantized base, what `merge` writes), on
-held-out rows, at the tolerances of `merge --verify` for the bundle's dtype. The rewrite itself is exact; what is
-left is float rounding of E + Δ against R. The base GGUF goes through gguf_verify.verify_gguf (tokens, tensors,
-logits against the serving base); each LoRA GGUF is read back with gguf's reader, every LoRA matrix compared with
-its PEFT source within the outtype's rounding bound (names mapped with gguf's own table, llama's Q/K row
-permutation undone as transformers' GGUF loader does), and its alpha checked.
+PEFT, against that adapter on its 4-bit base (the AdapterSet that eval and `merge --verify` use: the model that
+was trained), on held-out rows. The bound is `merge --verify`'s: the dtype's table, widened to a multiple of the
+dtype's own noise on the same rows (verify.noise_floor: the serving base before any LoRA against the 4-bit base
+with its adapters disabled). The rewrite itself is exact; what is left is the bundle dtype's rounding, which the
+floor measures. The base GGUF goes through gguf_verify.verify_gguf (tokens, tensors, logits against the serving
+base); each LoRA GGUF is read back with gguf's reader, every LoRA matrix compared with its PEFT source within the
+outtype's rounding bound (names mapped with gguf's own table, llama's Q/K row permutation undone as transformers'
+GGUF loader does), and its alpha checked.
 """
 
 from __future__ import annotations
@@ -18,29 +20,32 @@ import torch
 from tear_lora.rundir import atomic_write_json, read_json
 
 
-def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, rows: int, base,
-                  trust_remote_code: bool) -> dict:
-    """Measure and write verify.json in `bundle_dir`; returns it (`passed`: every adapter and GGUF within bounds)."""
+def verify_bundle(bundle_dir: Path, adapters: list, manifest: dict, data, rows: int, trust_remote_code: bool) -> dict:
+    """Measure and write verify.json in `bundle_dir`; returns it (`passed`: every adapter and GGUF within bounds).
+    `adapters`: the bundle's adapters as `bundle` opened them (adapters.open_adapters), not read again."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tear_lora.adapters import adapter_recipe
+    from tear_lora.adapters import AdapterSet
     from tear_lora.data.prepare import prepare
-    from tear_lora.train.model import load_tokenizer_for
 
-    from .merge import EXPORT_DTYPES, TOLERANCES, load_merge_base, merge_into
-    from .verify import agreement_over_rows, within_tolerance
+    from .merge import TOLERANCES
+    from .verify import agreement_over_rows, calibrated_tolerance, noise_floor, within_tolerance
 
-    recipe = adapter_recipe(adapters[0], base, trust_remote_code)
-    tokenizer = load_tokenizer_for(recipe)
+    recipe, tokenizer = adapters[0].recipe, adapters[0].tokenizer
     data = data or recipe.data.eval_file
     dataset = prepare(data, tokenizer, recipe, save=False).dataset
     held_out = [row["input_ids"] for row in dataset.select(range(min(rows, len(dataset))))]
-    dtype, tolerance = manifest["dtype"], TOLERANCES[manifest["dtype"]]
-    device = "cuda" if torch.cuda.is_available() else None
+    reference = AdapterSet(adapters[0])  # the 4-bit base, loaded once, with every adapter as trained
+    labels = [reference.labels[0], *(reference.add(a) for a in adapters[1:])]
+    device = reference.model.device
+    dtype = manifest["dtype"]
     served = AutoModelForCausalLM.from_pretrained(bundle_dir / manifest["base"], dtype="auto", device_map=device,
                                                   trust_remote_code=trust_remote_code).eval()
-    result = {"rows": len(held_out), "dtype": dtype, "tolerance": tolerance, "adapters": {}}
+    floor = noise_floor(reference.model, served, held_out, device)  # before any LoRA is attached
+    tolerance = calibrated_tolerance(TOLERANCES[dtype], floor)
+    result = {"rows": len(held_out), "dtype": dtype, "reference": "each adapter on its 4-bit base, as trained",
+              "floor": floor, "tolerance": tolerance, "adapters": {}}
     if manifest["base_gguf"]:  # before any LoRA is attached: the GGUF is the plain serving base
         from .gguf_verify import verify_gguf
 
@@ -48,7 +53,7 @@ def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, 
         result["base_gguf"] = verify_gguf(bundle_dir / manifest["base_gguf"], manifest["gguf_type"],
                                           bundle_dir / manifest["base"], served, saved, held_out, TOLERANCES)
     peft_model = None
-    for adapter, entry in zip(adapters, manifest["adapters"]):
+    for label, entry in zip(labels, manifest["adapters"]):
         name = entry["name"].replace(".", "_")  # PEFT adapter names may not contain '.'
         if peft_model is None:
             peft_model = PeftModel.from_pretrained(served, str(bundle_dir / entry["peft_dir"]), adapter_name=name)
@@ -56,11 +61,8 @@ def verify_bundle(bundle_dir: Path, adapters: list[Path], manifest: dict, data, 
             peft_model.load_adapter(str(bundle_dir / entry["peft_dir"]), adapter_name=name)
         peft_model.set_adapter(name)
         peft_model.eval()
-        adapter_recipe_ = adapter_recipe(adapter, base, trust_remote_code)
-        merged = merge_into(load_merge_base(adapter_recipe_, tokenizer, "dequantized", EXPORT_DTYPES[dtype]), adapter)
-        device_of = next(merged.parameters()).device
-        agreement = agreement_over_rows(merged, peft_model, held_out, device_of)
-        del merged
+        reference.use(label)
+        agreement = agreement_over_rows(reference.model, peft_model, held_out, device)
         check = {**agreement, "passed": within_tolerance(agreement, tolerance)}
         if entry["gguf"]:
             check["gguf"] = verify_lora_gguf(bundle_dir / entry["gguf"], bundle_dir / entry["peft_dir"],

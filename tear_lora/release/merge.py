@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from tear_lora.adapters import AdapterSet, adapter_recipe, check_base
+from tear_lora.adapters import Adapter, AdapterSet, open_adapter
 from tear_lora.data.tokens import RESPONSE_CLOSE, WITNESS_CLOSE, structural_token_ids
 from tear_lora.metadata import METADATA_FILE, METADATA_VERSION, AdapterError, read_metadata
 from tear_lora.rundir import (
@@ -45,10 +45,11 @@ from tear_lora.rundir import (
     usual_permissions,
     write_complete_marker,
 )
-from tear_lora.train.model import load_base, load_tokenizer_for
+from tear_lora.train.model import load_base
 
+from .gguf import gguf_file_name
 from .model_card import write_model_card
-from .verify import agreement_over_rows, within_tolerance
+from .verify import agreement_over_rows, calibrated_tolerance, noise_floor, within_tolerance
 
 EXPORT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # --verify passes when all three hold (merged model vs 4-bit base + adapter, over every position of each row).
@@ -143,42 +144,48 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, base_weights: str = "deq
         require_converter()  # a missing extra is reported now, not after the merge
     check_out_dir(out_dir, overwrite)  # a MergeError naming --out, before anything is made
     with replacing(out_dir, "merge output", METADATA_FILE, overwrite, "pass --overwrite", "merge", legacy=True) as build:
-        run_name = _write_merged(Path(adapter_dir), build, base_weights, dtype, base, trust_remote_code,
-                                 needs_eval_file=bool(verify_rows) and not verify_data, gguf=gguf)
+        adapter = open_adapter(adapter_dir, base, trust_remote_code)  # read once: the merge and --verify share it
+        check = _prepare_verify(adapter, verify_data, verify_rows) if verify_rows else None
+        run_name = _write_merged(adapter, build, base_weights, dtype, gguf, check)
         _write_gguf(build, run_name, gguf, trust_remote_code)
         write_model_card(build, out_dir.name)  # after the GGUFs: the converter would read it as its metadata
-        if verify_rows:
-            _verify(adapter_dir, build, verify_data, verify_rows, base, trust_remote_code, out_dir.name)
+        if check:
+            gguf_files = {t: gguf_file_name(run_name, t) for t in gguf}
+            _verify(check, build, dtype, gguf_files, out_dir.name, trust_remote_code)
         write_complete_marker(build, kind="merge output")  # last: only now is the build a merge output
     return out_dir
 
 
-def _write_merged(adapter_dir: Path, build: Path, base_weights: str, dtype: str, base: str | None,
-                  trust_remote_code: bool, needs_eval_file: bool = False, gguf: tuple[str, ...] = ()) -> str:
-    """Weights, tokenizer (with the chat template), generation config, recipe and metadata; returns the run name."""
+def _write_merged(adapter: Adapter, build: Path, base_weights: str, dtype: str, gguf: tuple[str, ...] = (),
+                  check: dict | None = None) -> str:
+    """Weights, tokenizer (with the chat template), generation config, recipe and metadata; returns the run name.
+    With `check` (a --verify under way) the export dtype's noise floor is measured on the base before the adapter
+    goes into it (check["floor"])."""
     import yaml
 
     from tear_lora.data import template
     from tear_lora.recipe import mask_secrets
 
-    from .gguf import MODELFILE, gguf_file_name
+    from .gguf import MODELFILE
 
-    recipe = adapter_recipe(adapter_dir, base, trust_remote_code)
-    if needs_eval_file and not recipe.data.eval_file:  # found out now, not after the merge
-        raise MergeError(f"{adapter_dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
-    tokenizer = load_tokenizer_for(recipe)
-    metadata = check_base(adapter_dir, recipe, tokenizer)
-    merged = merge_into(load_merge_base(recipe, tokenizer, base_weights, EXPORT_DTYPES[dtype]), adapter_dir)
+    recipe, tokenizer, metadata = adapter.recipe, adapter.tokenizer, dict(adapter.metadata)
+    if check is not None and base_weights != "dequantized":  # the floor needs the dequantized base: loaded, freed
+        check["floor"] = _floor(check, None, dtype)
+    model = load_merge_base(recipe, tokenizer, base_weights, EXPORT_DTYPES[dtype])
+    if check is not None and base_weights == "dequantized":  # the base about to be merged into is that base
+        check["floor"] = _floor(check, model, dtype)
+    merged = merge_into(model, adapter.dir)
     merged.generation_config = generation_config(merged, tokenizer)
     merged.save_pretrained(build)  # safetensors; the whole dir is swapped in later, so in place is fine here
+    del model, merged
     usual_permissions(build)
     tokenizer.chat_template = template.chat_template_for(tokenizer)  # replaces the base's (e.g. ChatML)
     tokenizer.save_pretrained(build)
     # re-masked: an adapter trained before recipes were masked may still hold a hub token in its recipe.yaml
-    raw = yaml.safe_load((adapter_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    atomic_write_text(build / "recipe.yaml", yaml.safe_dump(mask_secrets(raw), sort_keys=False))
+    atomic_write_text(build / "recipe.yaml", yaml.safe_dump(mask_secrets(yaml.safe_load(adapter.recipe_text)),
+                                                           sort_keys=False))
     metadata["format_version"] = METADATA_VERSION
-    metadata["merged"] = {"adapter": str(adapter_dir), "adapter_files": metadata.pop("files", None),
+    metadata["merged"] = {"adapter": str(adapter.dir), "adapter_files": metadata.pop("files", None),
                           "base_weights": base_weights, "dtype": dtype, "base_used": recipe.model.name_or_path}
     if gguf:
         metadata["merged"]["gguf"] = {t: gguf_file_name(metadata["run_name"], t) for t in gguf}
@@ -203,50 +210,73 @@ def _write_gguf(build: Path, run_name: str, outtypes, trust_remote_code: bool = 
 
 def verify(adapter_dir: str | Path, merged_dir: str | Path, data: str | Path | None = None,
            rows: int = DEFAULT_VERIFY_ROWS, base: str | None = None, trust_remote_code: bool = False) -> dict:
-    """Logits of the 4-bit base + adapter (what was trained) vs the merged directory, on the eval set.
+    """Logits of the 4-bit base + adapter (what was trained) vs the merged directory, on the eval set, within a
+    multiple of the export dtype's own noise on those rows (verify.calibrated_tolerance).
 
-    `merge(verify_rows=...)` does this inside its build dir, before the completion marker. On a finished
-    output (marker present) verify.json and README.md change in place, so the marker is rewritten after them
-    (under the output's lock): it lists every file by size, and excluding these two would let a truncated
-    card pass as complete.
+    `merge(verify_rows=...)` does this inside its build dir, before the completion marker, with what the merge
+    already loaded. On a finished output (marker present) verify.json and README.md change in place, so the
+    marker is rewritten after them (under the output's lock): it lists every file by size, and excluding these
+    two would let a truncated card pass as complete.
     """
     merged_dir = Path(merged_dir)
+
+    def run() -> dict:
+        merged = read_metadata(merged_dir)["merged"]
+        check = _prepare_verify(open_adapter(adapter_dir, base, trust_remote_code), data, rows)
+        check["floor"] = _floor(check, None, merged["dtype"])
+        return _verify(check, merged_dir, merged["dtype"], merged.get("gguf") or {}, merged_dir.name, trust_remote_code)
+
     if not (merged_dir / COMPLETE_MARKER).exists():
-        return _verify(adapter_dir, merged_dir, data, rows, base, trust_remote_code, merged_dir.name)
+        return run()
     with exclusive_lock(lock_path_for(merged_dir), f"merge output {merged_dir}"):
         problem = incomplete_reason(merged_dir)
         if problem:
             raise MergeError(f"{merged_dir}: an incomplete merge output ({problem}); merge again")
-        result = _verify(adapter_dir, merged_dir, data, rows, base, trust_remote_code, merged_dir.name)
+        result = run()
         write_complete_marker(merged_dir, kind=(read_marker(merged_dir) or {}).get("kind"))
     return result
 
 
-def _verify(adapter_dir, merged_dir: Path, data, rows: int, base, trust_remote_code: bool, name: str) -> dict:
+def _prepare_verify(adapter: Adapter, data, rows: int) -> dict:
+    """The held-out rows and the reference (the adapter on its 4-bit base, as trained), before anything is written:
+    a missing eval file is found out now, not after the merge."""
+    from tear_lora.data.prepare import prepare
+
+    data = data or adapter.recipe.data.eval_file
+    if not data:
+        raise MergeError(f"{adapter.dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
+    dataset = prepare(data, adapter.tokenizer, adapter.recipe, save=False).dataset
+    held_out = [row["input_ids"] for row in dataset.select(range(min(rows, len(dataset))))]
+    return {"adapter": adapter, "rows": held_out, "reference": AdapterSet(adapter)}
+
+
+def _floor(check: dict, base_model, dtype: str) -> dict:
+    """The export dtype's noise on the verify rows (verify.noise_floor): the dequantized base in `dtype` against the
+    reference's base. `base_model`: that base when the merge has it in memory; else it is loaded here."""
+    reference = check["reference"]
+    if base_model is None:  # `original` merges and verify() on a finished output
+        adapter = check["adapter"]
+        base_model = load_merge_base(adapter.recipe, adapter.tokenizer, "dequantized", EXPORT_DTYPES[dtype])
+    return noise_floor(reference.model, base_model.eval(), check["rows"], reference.model.device)
+
+
+def _verify(check: dict, merged_dir: Path, dtype: str, gguf_files: dict, name: str, trust_remote_code: bool) -> dict:
     """Measure, write verify.json and the model card; the merged side is loaded back from disk, so the saved
     files (weights, tie flag, dtype) are what is checked."""
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from tear_lora.data.prepare import prepare
-
-    reference = AdapterSet(adapter_dir, base, trust_remote_code)
-    data = data or reference.recipe.data.eval_file
-    if not data:
-        raise MergeError(f"{adapter_dir}: the recipe has no data.eval_file; pass --data FILE for --verify")
-    dataset = prepare(data, reference.tokenizer, reference.recipe, save=False).dataset
-    dataset = dataset.select(range(min(rows, len(dataset))))
+    reference, rows = check.pop("reference"), check["rows"]
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype="auto", device_map=reference.model.device,
                                                   trust_remote_code=trust_remote_code).eval()
-    rows_ids = (row["input_ids"] for row in tqdm(dataset, desc="verify", unit="row"))
-    agreement = agreement_over_rows(reference.model, merged, rows_ids, reference.model.device)
-    dtype = read_metadata(merged_dir)["merged"]["dtype"]
-    result = {"rows": len(dataset), **agreement, "dtype": dtype, "tolerance": TOLERANCES[dtype]}
-    result["passed"] = within_tolerance(result, TOLERANCES[dtype])
-    gguf_files = read_metadata(merged_dir)["merged"].get("gguf") or {}
+    agreement = agreement_over_rows(reference.model, merged, tqdm(rows, desc="verify", unit="row"),
+                                    reference.model.device)
+    tolerance = calibrated_tolerance(TOLERANCES[dtype], check["floor"])
+    result = {"rows": len(rows), **agreement, "dtype": dtype, "floor": check["floor"], "tolerance": tolerance,
+              "passed": within_tolerance(agreement, tolerance)}
     if gguf_files:  # `passed` stays the merge's own verdict; each GGUF carries its own
         del reference  # the 4-bit model: the GGUFs are compared with the merged model only
-        result["gguf"] = _verify_gguf(merged_dir, merged, gguf_files, [row["input_ids"] for row in dataset])
+        result["gguf"] = _verify_gguf(merged_dir, merged, gguf_files, rows)
     atomic_write_json(merged_dir / "verify.json", result)
     write_model_card(merged_dir, name)
     return result

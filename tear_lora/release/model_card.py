@@ -9,6 +9,8 @@ from pathlib import Path
 from tear_lora.metadata import public_name, read_metadata
 from tear_lora.rundir import atomic_write_text, read_json
 
+from .verify import describe_bounds
+
 
 def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
     """README.md from the directory's own tear_lora.json (and verify.json when present); `name` is the final
@@ -29,7 +31,7 @@ def write_model_card(out_dir: str | Path, name: str | None = None) -> Path:
     check = ("not run (`tear-lora merge ... --verify`)" if verified is None else
              f"{'passed' if verified['passed'] else 'FAILED'} on {verified['rows']} rows: max |Δlogit| "
              f"{verified['max_abs_logit']:.3g}, mean KL {verified['mean_kl']:.3g}, top-1 agreement "
-             f"{verified['top1_agreement']:.4f} (tolerance {verified['tolerance']})")
+             f"{verified['top1_agreement']:.4f} ({describe_bounds(verified['tolerance'], verified.get('floor'))})")
     gguf_section = _gguf_card_section(out_dir, merged, verified)
     card = f"""---
 base_model: {base_name}

@@ -1,10 +1,15 @@
 """How close two models' logits are, over rows of token ids: the one measure behind `merge --verify`, the GGUF
-verify and the serving bundle's verify, each with its own tolerance table.
+verify and the serving bundle's verify, each with its own tolerance table; and the export dtype's noise floor on
+the same rows, which widens that table where a real model's own rounding is larger (calibrated_tolerance).
 """
 
 from __future__ import annotations
 
 import torch
+
+# A correct export may disagree with the trained model by up to this many times the export dtype's own noise on
+# the same rows (noise_floor); measured ratios and the wrong merges it refuses: docs/release.md "Verify".
+FLOOR_MULTIPLE = 2.0
 
 
 def logit_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
@@ -33,3 +38,30 @@ def within_tolerance(result: dict, tolerance: dict) -> bool:
     """mean KL, top-1 agreement and max |Δlogit| within their bounds (a max |Δlogit| bound of None: not bounded)."""
     return (result["mean_kl"] <= tolerance["mean_kl"] and result["top1_agreement"] >= tolerance["top1"]
             and (tolerance["max_abs_logit"] is None or result["max_abs_logit"] <= tolerance["max_abs_logit"]))
+
+
+def noise_floor(reference, base_model, rows, device) -> dict[str, float]:
+    """The export dtype's own disagreement on these rows: `base_model` (the base as exported: dequantized, in the
+    export dtype, no adapter) against `reference` (a PEFT model on the base as trained) with its adapters disabled.
+    A correct export differs from the trained model by this same rounding, applied to slightly different weights."""
+    with reference.disable_adapter():
+        return agreement_over_rows(reference, base_model, rows, device)
+
+
+def calibrated_tolerance(table: dict, floor: dict, multiple: float = FLOOR_MULTIPLE) -> dict:
+    """The dtype's fixed bounds, widened to `multiple` times the floor (mean KL, top-1 disagreement, max |Δlogit|)
+    where the model's own rounding noise on these rows is larger; never tighter than the table."""
+    return {"mean_kl": max(table["mean_kl"], multiple * floor["mean_kl"]),
+            "top1": min(table["top1"], 1.0 - multiple * (1.0 - floor["top1_agreement"])),
+            "max_abs_logit": (None if table["max_abs_logit"] is None
+                              else max(table["max_abs_logit"], multiple * floor["max_abs_logit"]))}
+
+
+def describe_bounds(tolerance: dict, floor: dict | None) -> str:
+    """The bounds in one phrase, with the noise floor they were widened from (for the CLI and the cards)."""
+    text = f"mean KL ≤ {tolerance['mean_kl']:.3g}, top-1 ≥ {tolerance['top1']:.4f}" + (
+        f", max |Δlogit| ≤ {tolerance['max_abs_logit']:.3g}" if tolerance.get("max_abs_logit") is not None else "")
+    if floor:
+        text += (f" (the dtype's own noise on these rows: mean KL {floor['mean_kl']:.3g}, top-1 "
+                 f"{floor['top1_agreement']:.4f}, max |Δlogit| {floor['max_abs_logit']:.3g})")
+    return text

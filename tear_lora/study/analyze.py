@@ -206,15 +206,16 @@ def read_files(data_files: list[str | Path], tokenizer, recipe,
     return {str(f): read_triples(f, tokenizer, recipe, skip_invalid) for f in data_files}
 
 
-def _run_info(adapter_dir: Path | None) -> dict:
+def _run_info(adapter_dir: Path | None, text: str | None = None) -> dict:
     """What distinguishes runs in a study: seed, response weights and training file, from the run's own
-    recipe.yaml (a study's shuffled-witness arm trains on a file whose name says "shuffled")."""
+    recipe.yaml (a study's shuffled-witness arm trains on a file whose name says "shuffled"); `text`: the file as
+    the adapter's opening already read it."""
     import yaml
 
     path = adapter_dir / "recipe.yaml" if adapter_dir else None
-    if not path or not path.is_file():
+    if text is None and (not path or not path.is_file()):
         return dict(NO_RUN_INFO)
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    raw = yaml.safe_load(path.read_text(encoding="utf-8") if text is None else text) or {}
     return {"seed": (raw.get("training") or {}).get("seed"),
             "response_weight": (raw.get("objective") or {}).get("response_weight") or {},
             "train_file": (raw.get("data") or {}).get("train_file")}
@@ -255,8 +256,8 @@ def analyze(sources: list[str | Path], data_files: list[str | Path], settings: S
         for label in adapter_set.labels:
             adapter_set.use(label)
             run(adapter_set.model, adapter_set.tokenizer, adapter_set.recipe, label, "adapter",
-                adapter_set.metadata[label].get("lambda"), adapter_set.dirs[label], _run_info(adapter_set.dirs[label]),
-                files)
+                adapter_set.metadata[label].get("lambda"), adapter_set.dirs[label],
+                _run_info(adapter_set.dirs[label], adapter_set.opened[label].recipe_text), files)
         with adapter_set.model.disable_adapter():
             run(adapter_set.model, adapter_set.tokenizer, adapter_set.recipe, BASE_LABEL, "base", None,
                 adapter_set.recipe.model.name_or_path, dict(NO_RUN_INFO), files)

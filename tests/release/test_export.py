@@ -79,11 +79,16 @@ def test_default_bf16_merge_passes_its_verify(pair, reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tear_lora.release.merge import TOLERANCES
+    from tear_lora.release.verify import calibrated_tolerance
 
     out = tmp_path / "bf16"
     assert main(["merge", str(pair["b"]), "--out", str(out), "--verify", "--rows", VERIFY_ROWS]) == 0
     result = _verify(out)
-    assert result["dtype"] == "bf16" and result["passed"] and result["tolerance"] == TOLERANCES["bf16"]
+    assert result["dtype"] == "bf16" and result["passed"]
+    # the bound: bf16's table, widened where the base's own bf16 rounding on these rows is larger
+    floor = result["floor"]
+    assert floor["positions"] == result["positions"] and 0 < floor["mean_kl"] and floor["max_abs_logit"] > 0
+    assert result["tolerance"] == calibrated_tolerance(TOLERANCES["bf16"], floor)
     standalone = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
     assert standalone.dtype == torch.bfloat16
     # bf16 rounding moves logits a little, not as far as the bound, and not at all like another adapter would
@@ -91,6 +96,59 @@ def test_default_bf16_merge_passes_its_verify(pair, reference, tmp_path):
         ids = torch.tensor([_eval_ids(pair, reference, 1)[0]])
         difference = (standalone(input_ids=ids).logits[0].float() - reference.model(input_ids=ids).logits[0]).abs()
     assert 0 < difference.max() <= TOLERANCES["bf16"]["max_abs_logit"]
+
+
+def _wrong_merge(monkeypatch, how: str):
+    """merge_into as a faulty merge would do it: LoRA scaling (alpha/r = 2 here) dropped, or the trained tag rows
+    left at their initial values. Only the merge is wrong; the reference is loaded before it, unpatched."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    from tear_lora.release import merge as merge_module
+
+    real_merge_into, real_load = merge_module.merge_into, PeftModel.from_pretrained
+
+    def damaged(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        for module in model.modules():
+            if how == "dropped-scaling" and isinstance(module, LoraLayer):
+                module.scaling = {name: 1.0 for name in module.scaling}
+            if how == "tag-rows-untrained" and isinstance(module, TrainableTokensLayer) and not module.tied_adapter:
+                for name, rows in module.trainable_tokens_delta.items():
+                    rows.data = module.base_layer.weight.data[module.token_indices[name]].to(rows.dtype).clone()
+        return model
+
+    def merge_into(model, adapter_dir):
+        with monkeypatch.context() as m:
+            m.setattr(PeftModel, "from_pretrained", damaged)
+            return real_merge_into(model, adapter_dir)
+
+    monkeypatch.setattr(merge_module, "merge_into", merge_into)
+
+
+@pytest.mark.parametrize("how", ["dropped-scaling", "tag-rows-untrained"])
+def test_bf16_verify_refuses_a_wrong_merge(pair, tmp_path, monkeypatch, how):
+    """At the default dtype, --verify passes the correct merge (test above) and refuses a wrong one: exit 3,
+    passed false; the comparison is with the adapter on its 4-bit base, the floor with that base alone."""
+    from tear_lora.release import verify
+    from tear_lora.release.merge import is_4bit
+
+    _wrong_merge(monkeypatch, how)
+    compared = []
+    real_agreement = verify.agreement_over_rows
+
+    def spy(reference, other, rows, device):
+        compared.append((is_4bit(reference), is_4bit(other)))
+        return real_agreement(reference, other, rows, device)
+
+    monkeypatch.setattr(verify, "agreement_over_rows", spy)
+    monkeypatch.setattr("tear_lora.release.merge.agreement_over_rows", spy)
+    out = tmp_path / how
+    assert main(["merge", str(pair["b"]), "--out", str(out), "--verify", "--rows", VERIFY_ROWS]) == 3
+    result = _verify(out)
+    assert result["dtype"] == "bf16" and result["passed"] is False
+    assert compared == [(True, False), (True, False)]  # the floor, then the merge: 4-bit reference vs bf16 model
 
 
 def test_original_differs_by_the_quantization_error(merged, reference, tiny_model_dir):

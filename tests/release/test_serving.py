@@ -31,7 +31,7 @@ def bundled(pair, tmp_path_factory):
     return out
 
 
-def _peft_adapter(tmp_path, tied: bool, r: int, rslora: bool):
+def _peft_adapter(tmp_path, tied: bool, r: int, alpha: int, rslora: bool):
     """A PEFT adapter with random LoRA and tag rows on the tiny model (tied or untied), its merged model and a
     fresh copy of the base: the rewrite's input and the model it must reproduce."""
     from peft import LoraConfig, get_peft_model
@@ -39,7 +39,7 @@ def _peft_adapter(tmp_path, tied: bool, r: int, rslora: bool):
     from tear_lora.tiny import tiny_qwen3
 
     indices = TAG_IDS if tied else {"embed_tokens": TAG_IDS, "lm_head": TAG_IDS}
-    config = LoraConfig(r=r, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=rslora,
                         trainable_token_indices=indices)
     model = get_peft_model(tiny_qwen3(seed=1, tie_word_embeddings=tied), config)
     torch.manual_seed(2)
@@ -51,14 +51,15 @@ def _peft_adapter(tmp_path, tied: bool, r: int, rslora: bool):
     return tmp_path / "adapter", model.merge_and_unload(), tiny_qwen3(seed=1, tie_word_embeddings=tied)
 
 
-@pytest.mark.parametrize("tied,r,rslora", [(True, 8, False), (False, 4, True)], ids=["tied-r8", "untied-r4-rslora"])
-def test_rewrite_is_the_merged_model(tmp_path, tied, r, rslora):
+@pytest.mark.parametrize("tied,r,alpha,rslora", [(True, 8, 16, False), (False, 4, 8, True)],
+                         ids=["tied-r8-alpha16", "untied-r4-rslora"])
+def test_rewrite_is_the_merged_model(tmp_path, tied, r, alpha, rslora):
     """Merged back, serving base + plain LoRA equals the adapter's merge in every weight (1e-6): tag rows of both
     matrices, every other row untouched, LoRA kept (r < 6 padded to 6 and rescaled, rsLoRA folded in)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    adapter, merged, base = _peft_adapter(tmp_path, tied, r, rslora)
+    adapter, merged, base = _peft_adapter(tmp_path, tied, r, alpha, rslora)
     untie(base)
     info = write_plain_lora(base, adapter, tmp_path / "plain", "base")
     assert info["r"] == max(r, 6)
@@ -95,11 +96,68 @@ def not_a_bundle(directory):
 
 
 def test_verify_figures(bundled):
-    """fp32: each adapter's serving base + plain LoRA agrees with its merged model to float rounding."""
+    """fp32: each adapter's serving base + plain LoRA agrees with the adapter on its 4-bit base to float rounding,
+    within bounds calibrated on the dtype's own noise (the serving base against the 4-bit base, same rows)."""
+    from tear_lora.release.merge import TOLERANCES
+    from tear_lora.release.verify import calibrated_tolerance
+
     r = json.loads((bundled / "verify.json").read_text())
     assert r["passed"] and r["rows"] == 3 and set(r["adapters"]) == {"pair-lambda0", "pair-lambda2"}
+    assert "4-bit" in r["reference"] and r["floor"]["positions"] == r["adapters"]["pair-lambda0"]["positions"]
+    assert r["tolerance"] == calibrated_tolerance(TOLERANCES["fp32"], r["floor"])
     for check in r["adapters"].values():
         assert check["mean_kl"] < 1e-9 and check["top1_agreement"] == 1.0 and check["positions"] > 100
+
+
+def _break_rewrite(monkeypatch, how: str, victim: str):
+    """Let `bundle` write `victim`'s plain LoRA, then damage it as a faulty rewrite would: a wrong row delta (the
+    output rows' Δ doubled) or a dropped scaling (lora_alpha = r: the engine's alpha/r becomes 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from tear_lora.release import bundle as bundle_module
+
+    real = bundle_module.write_plain_lora
+
+    def broken(model, adapter_dir, out_dir, base_path):
+        info = real(model, adapter_dir, out_dir, base_path)
+        if victim not in str(adapter_dir):
+            return info
+        if how == "row-delta":
+            weights = load_file(out_dir / "adapter_model.safetensors")
+            weights["base_model.model.lm_head.lora_A.weight"] *= 2
+            save_file(weights, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+        else:
+            config = json.loads((out_dir / "adapter_config.json").read_text())
+            config["lora_alpha"] = config["r"]
+            (out_dir / "adapter_config.json").write_text(json.dumps(config))
+        return info
+
+    monkeypatch.setattr(bundle_module, "write_plain_lora", broken)
+
+
+@pytest.mark.parametrize("how", ["row-delta", "dropped-scaling"])
+def test_verify_refuses_a_broken_rewrite(pair, tmp_path, monkeypatch, how):
+    """--verify exits 3 with passed: false for the damaged adapter (and only it), and it compares the served
+    model with the adapter on its 4-bit base (what was trained), never with a model built by the same rewrite."""
+    from tear_lora.release import verify
+    from tear_lora.release.merge import is_4bit
+
+    _break_rewrite(monkeypatch, how, "lambda2")
+    compared = []
+    real_agreement = verify.agreement_over_rows
+
+    def spy(reference, other, rows, device):
+        compared.append((is_4bit(reference), is_4bit(other), reference is other))
+        return real_agreement(reference, other, rows, device)
+
+    monkeypatch.setattr(verify, "agreement_over_rows", spy)
+    out = tmp_path / "served"
+    assert main(["bundle", str(pair["a"]), str(pair["b"]), "--out", str(out), "--dtype", "fp32", "--verify",
+                 "--rows", "2"]) == 3
+    r = json.loads((out / "verify.json").read_text())
+    assert r["passed"] is False
+    assert r["adapters"]["pair-lambda0"]["passed"] and not r["adapters"]["pair-lambda2"]["passed"]
+    assert compared == [(True, False, False)] * 3  # the floor, then each adapter: 4-bit reference vs served
 
 
 def _altered(adapter, tmp_path, **changes):
@@ -264,3 +322,21 @@ def test_one_lora_flag_as_a_csv_row(tmp_path):
     assert command.count("--lora") == 1 and command[-2:] == ["--path", "/x"]
     value = command[command.index("--lora") + 1]
     assert next(csv.reader([value])) == [str(tmp_path / p) for p in paths]
+
+
+def test_page_seed_is_each_adapters_own(pair):
+    """bundle.json's seed (the page's column header) comes from each adapter's tear_lora.json, or, for an adapter
+    written before that field, from its own recipe.yaml: never from the first adapter's recipe, which an adapter
+    opened `like` another carries."""
+    from types import SimpleNamespace
+
+    from tear_lora.recipe import load_recipe
+    from tear_lora.release.bundle import adapter_seed
+
+    meta = json.loads((pair["b"] / "tear_lora.json").read_text())
+    own = load_recipe(pair["b"] / "recipe.yaml", saved=True).training.get("seed", 42)
+    assert meta["seed"] == own
+    other = SimpleNamespace(training={"seed": own + 1})
+    assert adapter_seed(SimpleNamespace(dir=pair["b"], recipe=other, metadata={**meta, "seed": 7})) == 7
+    older = {k: v for k, v in meta.items() if k != "seed"}
+    assert adapter_seed(SimpleNamespace(dir=pair["b"], recipe=other, metadata=older)) == own

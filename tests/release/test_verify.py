@@ -68,3 +68,56 @@ def test_within_tolerance_each_bound_can_fail(result, ok):
     assert within_tolerance(result, {"mean_kl": 1e-6, "top1": 0.999, "max_abs_logit": 1e-3}) is ok
     assert within_tolerance(result, {"mean_kl": 1e-6, "top1": 0.999, "max_abs_logit": None}) is (
         ok or result["max_abs_logit"] == 2e-3)
+
+
+FLOOR = {"mean_kl": 2e-3, "top1_agreement": 0.97, "max_abs_logit": 6.0}
+TABLE = {"mean_kl": 1e-3, "top1": 0.95, "max_abs_logit": 1.0}
+
+
+def test_calibrated_tolerance_widens_to_a_multiple_of_the_floor_and_never_tightens():
+    from tear_lora.release.verify import calibrated_tolerance
+
+    wide = calibrated_tolerance(TABLE, FLOOR, multiple=2.0)
+    assert wide == pytest.approx({"mean_kl": 4e-3, "top1": 0.94, "max_abs_logit": 12.0})
+    quiet = {"mean_kl": 1e-9, "top1_agreement": 1.0, "max_abs_logit": 1e-4}  # a model whose rounding is negligible
+    assert calibrated_tolerance(TABLE, quiet, multiple=2.0) == TABLE
+    assert calibrated_tolerance({**TABLE, "max_abs_logit": None}, FLOOR)["max_abs_logit"] is None
+
+
+@pytest.mark.parametrize("result, ok", [
+    ({"mean_kl": 3.9e-3, "top1_agreement": 0.941, "max_abs_logit": 11.0}, True),
+    ({"mean_kl": 4.1e-3, "top1_agreement": 0.99, "max_abs_logit": 1.0}, False),
+    ({"mean_kl": 1e-4, "top1_agreement": 0.939, "max_abs_logit": 1.0}, False),
+    ({"mean_kl": 1e-4, "top1_agreement": 0.99, "max_abs_logit": 12.5}, False),
+])
+def test_calibrated_bounds_can_each_fail(result, ok):
+    from tear_lora.release.verify import calibrated_tolerance
+
+    assert within_tolerance(result, calibrated_tolerance(TABLE, FLOOR, multiple=2.0)) is ok
+
+
+def test_noise_floor_compares_the_reference_with_its_adapter_disabled():
+    """The floor is the base against the base: a reference whose adapter changes every logit still has floor 0
+    against its own base."""
+    from contextlib import contextmanager
+
+    from tear_lora.release.verify import noise_floor
+
+    table = torch.randn(6, 5)
+
+    class WithAdapter(FixedLogits):
+        enabled = True
+
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=self.table[input_ids] + (3.0 * torch.arange(5.0) if self.enabled else 0))
+
+        @contextmanager
+        def disable_adapter(self):
+            self.enabled = False
+            yield
+            self.enabled = True
+
+    reference = WithAdapter(table)
+    floor = noise_floor(reference, FixedLogits(table), [[0, 1, 2], [3, 4, 5]], "cpu")
+    assert floor == {"positions": 6, "max_abs_logit": 0.0, "mean_kl": 0.0, "top1_agreement": 1.0}
+    assert reference.enabled
