@@ -8,6 +8,7 @@ tests/release/test_serving_server.py (slow)."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -50,12 +51,29 @@ def fake_server(tmp_path, monkeypatch):
     return record
 
 
+BASE_TOKENIZER: list[Path] = []  # the tiny model's tokenizer with the tags, saved once (bundle_tokenizer)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bundle_tokenizer(tmp_path_factory, tiny_model_dir):
+    """serve reads the base's tokenizer for the page's prompt layout: a fake bundle carries the real one."""
+    from tear_lora.data.tokens import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("bundle-tokenizer")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(directory)
+    BASE_TOKENIZER[:] = [directory]
+    yield
+    BASE_TOKENIZER.clear()
+
+
 def fake_bundle(root: Path, edit=None) -> Path:
     """A bundle's layout and bundle.json as `tear-lora bundle --gguf f16` writes them (GGUF bytes are not read
-    here); `edit(manifest, bundle_dir)` changes it before the completion marker is written."""
+    here; base/ holds only the tokenizer); `edit(manifest, bundle_dir)` changes it before the completion marker
+    is written."""
     bundle = root / "served"
-    for d in ("base", "adapters/pair-lambda0", "adapters/pair-lambda2"):
+    for d in ("adapters/pair-lambda0", "adapters/pair-lambda2"):
         (bundle / d).mkdir(parents=True)
+    shutil.copytree(BASE_TOKENIZER[0], bundle / "base")
     for f in ("base-f16.gguf", "adapters/pair-lambda0-f16.gguf", "adapters/pair-lambda2-f16.gguf"):
         (bundle / f).write_bytes(b"GGUF")
     manifest = {"kind": "tear_lora-bundle", "format_version": 1, "base": "base", "base_gguf": "base-f16.gguf",
