@@ -110,13 +110,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def merged_gguf(bundle: Path, manifest: dict, name: str) -> Path:
+def merged_gguf(bundle: Path, manifest: dict, name: str, source: Path) -> Path:
     """`tear-lora merge` of the adapter the bundle calls `name`, with --gguf of the bundle's type (kept when done)."""
     entry = next(e for e in manifest["adapters"] if e["name"] == name)
     out = bundle.parent / f"{bundle.name}-merged-{name}"
     gguf = out / f"{entry['tear_lora']['run_name']}-{manifest['gguf_type']}.gguf"
     if not gguf.is_file():
-        subprocess.run([sys.executable, "-m", "tear_lora.cli", "merge", entry["source"], "--out", str(out),
+        subprocess.run([sys.executable, "-m", "tear_lora.cli", "merge", str(source), "--out", str(out),
                         "--dtype", manifest["dtype"], "--gguf", manifest["gguf_type"], "--overwrite"],
                        check=True, cwd=REPO)
     return gguf
@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="llama-server --threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="the interleaving's random seed")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--adapters", help="the adapter dirs the bundle was made from, comma-separated (a bundle "
+                        "names them by directory name only); not needed with --train-demo")
     args = parser.parse_args(argv)
     args.levels = [int(x) for x in args.levels.split(",")]
 
@@ -142,21 +144,30 @@ def main(argv=None) -> int:
 
     from tear_lora.adapters import adapter_recipe
     from tear_lora.data import template
-    from tear_lora.release.bundle import bundle, not_a_bundle
+    from tear_lora.release.bundle import bundle
+    from tear_lora.release.bundle_manifest import BundleError, read_bundle
     from tear_lora.release.llama_server import find_llama_server, lora_field, server_command
     from tear_lora.rundir import atomic_write_json
 
     binary = find_llama_server()
-    if not args.bundle.is_dir() or not_a_bundle(args.bundle):
+    adapters = [Path(a) for a in args.adapters.split(",")] if args.adapters else []
+    try:
+        manifest = read_bundle(args.bundle)
+    except BundleError:
         if not args.train_demo:
             parser.error(f"{args.bundle} is not a complete bundle; pass --train-demo DIR to make one")
         from serve_check import train_demo
 
-        bundle(train_demo(args.train_demo), args.bundle, gguf="f16", dtype="fp32")
-    manifest = json.loads((args.bundle / "bundle.json").read_text())
+        adapters = train_demo(args.train_demo)
+        bundle(adapters, args.bundle, gguf="f16", dtype="fp32")
+        manifest = read_bundle(args.bundle)
+    sources = {a.name: a for a in adapters}
+    missing = [e["source"] for e in manifest["adapters"] if e["source"] not in sources]
+    if missing:
+        parser.error(f"pass --adapters with the adapter dirs the bundle was made from (missing: {', '.join(missing)})")
     names = [e["name"] for e in manifest["adapters"]]
     tokenizer = AutoTokenizer.from_pretrained(args.bundle / manifest["base"])
-    eval_file = REPO / adapter_recipe(manifest["adapters"][0]["source"]).data.eval_file
+    eval_file = REPO / adapter_recipe(sources[manifest["adapters"][0]["source"]]).data.eval_file
     inputs = [json.loads(line)["input"] for line in eval_file.open(encoding="utf-8")][: args.inputs]
     prompts = [template.encode(tokenizer, template.segments(x))[0] for x in inputs]
     rng = random.Random(args.seed)
@@ -173,7 +184,7 @@ def main(argv=None) -> int:
         lambda port: server_command(binary, args.bundle, manifest, HOST, port, extra=slots),
         args.bundle.parent / f"{args.bundle.name}-load.log", jobs, prompts, loras, args)
     merged = names[-1]
-    gguf = merged_gguf(args.bundle, manifest, merged)
+    gguf = merged_gguf(args.bundle, manifest, merged, sources[manifest["adapters"][-1]["source"]])
     result["merged_server"], alone = run_server(
         lambda port: [binary, "-m", str(gguf), "--host", HOST, "--port", str(port), *slots],
         args.bundle.parent / f"{args.bundle.name}-merged-load.log", [(merged, i) for _, i in jobs], prompts,

@@ -68,10 +68,15 @@ class Generated:
 
 @torch.no_grad()
 def _continue(model, tokenizer, parts: list[template.Segment], stop_tag: str, sampling: Sampling) -> tuple[str, bool]:
-    """Generate after the prompt `parts` until `stop_tag` (or EOS, or the token limit); -> (text, stopped at tag)."""
+    """Generate after the prompt `parts` until `stop_tag` (or the token limit); -> (text, stopped at tag).
+
+    Any other special token ends the span too (EOS, another tag, the base's own control tokens): a span was trained
+    as plain text closed by its tag, so a control token means it is over. llama-server ends generation the same
+    way (at its end-of-generation tokens), so the serving page and this agree on where a span stops."""
     ids, _, _ = template.encode(tokenizer, parts)
     stop_id = structural_token_ids(tokenizer)[stop_tag]
-    stops = list(dict.fromkeys([stop_id, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])]))
+    others = [*tokenizer.all_special_ids, *structural_token_ids(tokenizer).values()]
+    stops = list(dict.fromkeys([stop_id, *others]))
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

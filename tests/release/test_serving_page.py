@@ -2,8 +2,9 @@
 
 Needs the real llama-server (`bash scripts/build_llama_server.sh`, a C++ build) and Chromium (installed by
 tests/release/browser.py with apt-get where we are root, else it says how): never skipped, it fails with that one line.
-Reuse work with TEAR_LORA_PAGE_BUNDLE (a complete `bundle --gguf` dir whose adapters' sources still exist) or
-TEAR_LORA_SERVE_ADAPTERS (two adapter dirs, comma-separated); otherwise two demo adapters are trained first.
+Reuse work with TEAR_LORA_SERVE_ADAPTERS (two adapter dirs, comma-separated), and with it TEAR_LORA_PAGE_BUNDLE (a
+complete `bundle --gguf` of those adapters: the bundle names each by directory name only); otherwise two demo adapters
+are trained first.
 TEAR_LORA_PAGE_SCREENSHOT=docs/serving-page.png writes the 1280 px screenshot there too."""
 
 import json
@@ -36,6 +37,9 @@ def _prerequisites() -> str | None:
     return find_chromium()[1] or None
 
 
+ADAPTER_DIRS: dict[str, str] = {}  # bundle.json's `source` (a directory name) -> the adapter dir
+
+
 @pytest.fixture(scope="module")
 def demo_bundle(tmp_path_factory):
     """A `bundle --gguf f16 --dtype fp32` of two λ adapters (λ 0 and 2), in a directory whose name holds a comma
@@ -43,10 +47,10 @@ def demo_bundle(tmp_path_factory):
     missing = _prerequisites()
     if missing:
         pytest.fail(missing)
-    if os.environ.get("TEAR_LORA_PAGE_BUNDLE"):
-        return os.path.abspath(os.environ["TEAR_LORA_PAGE_BUNDLE"])
     root = tmp_path_factory.mktemp("page")
     given = os.environ.get("TEAR_LORA_SERVE_ADAPTERS")
+    if os.environ.get("TEAR_LORA_PAGE_BUNDLE") and not given:
+        pytest.fail("TEAR_LORA_PAGE_BUNDLE needs TEAR_LORA_SERVE_ADAPTERS: the adapter dirs the bundle was made from")
     if given:
         adapters = given.split(",")
     else:
@@ -54,6 +58,9 @@ def demo_bundle(tmp_path_factory):
         from serve_check import train_demo
 
         adapters = [str(a) for a in train_demo(root / "adapters", steps=6, batch=1)]
+    ADAPTER_DIRS.update({Path(a).name: os.path.abspath(a) for a in adapters})  # `generate` takes the adapter dir
+    if os.environ.get("TEAR_LORA_PAGE_BUNDLE"):
+        return os.path.abspath(os.environ["TEAR_LORA_PAGE_BUNDLE"])
     out = root / "demo, bundle"
     subprocess.run([sys.executable, "-m", "tear_lora.cli", "bundle", *adapters, "--out", str(out), "--gguf", "f16",
                     "--dtype", "fp32"], check=True, cwd=REPO, capture_output=True, timeout=3600)
@@ -147,7 +154,7 @@ def test_every_lambda_side_by_side_in_chromium(demo_bundle, tmp_path):
                                                 "top_k": 1, "lora": lora_field(manifest, entry["name"]),
                                                 "return_tokens": True, "cache_prompt": False})
             assert column["responseTokens"] == served["tokens"], (entry["name"], column, served)
-            generated = subprocess.run([sys.executable, "-m", "tear_lora.cli", "generate", entry["source"], "--input",
+            generated = subprocess.run([sys.executable, "-m", "tear_lora.cli", "generate", ADAPTER_DIRS[entry["source"]], "--input",
                                         text, "--max-new-tokens", str(INPUT_LIMIT), "--json"], cwd=REPO, check=True,
                                        capture_output=True, text=True, timeout=900)
             reference = json.loads(generated.stdout)

@@ -188,3 +188,29 @@ def test_generate_temperature_zero_matches_greedy(pair, capsys):
         assert main(["generate", str(pair["a"]), "--input", INPUT, "--max-new-tokens", "6", "--json", *extra]) == 0
         outputs.append(_json(capsys))
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_a_generated_span_ends_at_any_control_token(tokenizer):
+    """A span ends at its closing tag or at any other control token (EOS, another tag, the base's own specials), as
+    llama-server ends generation at its end-of-generation tokens: the serving page and `generate` then agree."""
+    import torch
+
+    from tear_lora.data import template
+    from tear_lora.data.tokens import RESPONSE_CLOSE, WITNESS_OPEN, structural_token_ids
+    from tear_lora.study.generate import Sampling, _continue
+
+    tags = structural_token_ids(tokenizer)
+    word = tokenizer.encode("Hello", add_special_tokens=False)
+    seen = {}
+
+    class Model:
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, input_ids, attention_mask, generation_config):
+            seen["stops"] = set(generation_config.eos_token_id)
+            return torch.cat([input_ids, torch.tensor([[*word, tags[WITNESS_OPEN]]])], dim=1)
+
+    text, stopped = _continue(Model(), tokenizer, template.segments("hi"), RESPONSE_CLOSE, Sampling())
+    assert set(tokenizer.all_special_ids) | set(tags.values()) <= seen["stops"]
+    assert (text, stopped) == ("Hello", False)
