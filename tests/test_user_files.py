@@ -138,7 +138,7 @@ FILE_WRITERS = {  # verbs that write one file you name (a plot): rundir.atomic_w
     "sweep": "--plot, besides its run dirs (a row above)",
 }
 READ_ONLY_VERBS = {"recipe validate": "prints", "recipe show": "prints", "plan": "prints", "generate": "prints",
-                   "eval": "prints", "serve": "runs llama-server on a bundle; writes nothing"}
+                   "eval": "prints", "serve": "runs llama-server on a bundle; writes only the page into a fresh mkdtemp dir, removed on exit"}
 
 FAKE_PIP = """#!/usr/bin/env bash
 # `python -m pip download` for the build script, offline: a tiny llama-cpp-python sdist; $DURING: a file the user
