@@ -112,6 +112,16 @@ def _build_script(ctx, target, **env):
     return done.returncode
 
 
+def _demo_model_script(ctx, target):
+    """scripts/make_demo_model.py in this process (its main), so the swap can be watched as the verbs' are."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_demo_model", REPO / "scripts/make_demo_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main([str(target)])
+
+
 WRITERS = {
     "train": Writer("D/qwen3-base", "tmp", _cli("train", "{recipe}", "--set", "output.overwrite=true"),
                     "not a finished tear_lora adapter"),
@@ -132,6 +142,8 @@ WRITERS = {
     "split-domains": Writer("split", "split", _cli("split-domains", "{eval}", "--hold-out", "code", "--out",
                                                    "{target}", "--overwrite"), "not a finished tear_lora domain split"),
     "scripts/build_llama_server.sh": Writer("llama", "dl", _build_script, "has no .tear_lora_llama_cache"),
+    "scripts/make_demo_model.py": Writer("models/smollm2", "build", _demo_model_script,
+                                         "not a finished tear_lora demo model"),
 }
 FILE_WRITERS = {  # verbs that write one file you name (a plot): rundir.atomic_write_bytes, test_plot_file_…
     "compare": "--plot", "analyze": "--plot", "report": "--plot (default <adapter>/training_curves.png)",
