@@ -137,7 +137,7 @@ WRITERS = {
     "bundle": Writer("served", "bundle", _cli("bundle", "{a}", "{b}", "--out", "{target}", "--overwrite"),
                      "not a finished tear_lora bundle"),
     "analyze --report": Writer("report", "report", _cli("analyze", "{a}", "--data", "{contrast}", "--bootstrap", "10",
-                                                        "--folds", "2", "--report", "{target}", "--overwrite"),
+                                                        "--draws", "10", "--folds", "2", "--report", "{target}", "--overwrite"),
                                "not a finished tear_lora analyze report"),
     "split-domains": Writer("split", "split", _cli("split-domains", "{eval}", "--hold-out", "code", "--out",
                                                    "{target}", "--overwrite"), "not a finished tear_lora domain split"),

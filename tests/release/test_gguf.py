@@ -64,6 +64,7 @@ def f16_fields(exported, tag_ids):
     return _gguf_fields(exported / "pair-lambda2-f16.gguf", tag_ids)
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_files_beside_the_safetensors_and_in_the_marker(exported):
     names = {p.name for p in exported.iterdir()}
     assert {"pair-lambda2-f16.gguf", "pair-lambda2-q8_0.gguf", "Modelfile", "model.safetensors"} <= names
@@ -76,6 +77,7 @@ def test_files_beside_the_safetensors_and_in_the_marker(exported):
         {t: (exported / f"pair-lambda2-{t}.gguf").stat().st_size for t in ("f16", "q8_0")}
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_tags_are_single_control_tokens_and_stops_agree(exported, tag_ids, f16_fields):
     ids, fields = tag_ids, f16_fields
     for tag, i in zip(STRUCTURAL_TOKENS, ids):
@@ -88,6 +90,7 @@ def test_tags_are_single_control_tokens_and_stops_agree(exported, tag_ids, f16_f
     assert fields["n_tokens"] == 151936  # every embedding row has a token (spare rows as padding tokens)
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_tag_rows_are_the_trained_rows(exported, tiny_model_dir, tag_ids, f16_fields):
     from safetensors.torch import load_file
 
@@ -98,6 +101,7 @@ def test_tag_rows_are_the_trained_rows(exported, tiny_model_dir, tag_ids, f16_fi
     assert (merged - base).abs().max() > 100 * (rows - merged).abs().max()  # training moved them far more
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_verify_figures_within_bounds(exported):
     from tear_lora.release.gguf_verify import LOGIT_BOUNDS, TENSOR_BOUNDS
     from tear_lora.release.merge import TOLERANCES
@@ -119,6 +123,7 @@ def test_verify_figures_within_bounds(exported):
         assert needed in card, needed
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_the_checks_can_fail(exported, tag_ids):
     """The verify's checks have teeth: one weight moved by 1% of its tensor's scale, a tag demoted to a plain
     token, a missing stop id and another chat template are each caught."""
@@ -144,6 +149,7 @@ def test_the_checks_can_fail(exported, tag_ids):
         {"tags_single_control_tokens", "stop_ids_agree", "chat_template_agrees"}
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_modelfile_is_the_training_prompt(exported):
     from tear_lora.release.gguf import ollama_template
 
@@ -157,6 +163,7 @@ def test_modelfile_is_the_training_prompt(exported):
     assert '"raw": true' in text  # the witness call is documented
 
 
+@pytest.mark.slow  # GGUF conversions of a 151,936-token vocabulary, ~30 CPU s each (docs/testing.md)
 def test_untied_model_keeps_its_output_matrix(tmp_path, tiny_model_dir):
     """The tie flag is honoured the other way too: an untied model's GGUF carries output.weight (its tag rows)."""
     from tear_lora.data.tokens import add_structural_tokens, load_tokenizer
@@ -222,6 +229,7 @@ def _demo_adapter(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extra  # llama-cpp-python: a second llama.cpp build; llama-server runs the same GGUF in CI's slow pass
 def test_llama_cpp_runs_the_demo_gguf(tmp_path):
     """llama.cpp (llama-cpp-python) loads the demo's f16 GGUF: tags are single ids, greedy generation from the
     template prompt stops at <|/response|> by itself, and its greedy tokens equal transformers' on the merged

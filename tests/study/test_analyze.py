@@ -181,6 +181,7 @@ def test_probe_finds_valence_only_where_the_response_carries_it(random_model_dir
     assert probe["beyond_words"] <= 0.0 and low <= 0.0 <= high + 1e-9
 
 
+@pytest.mark.slow  # dose_model_dir: a 120-step fine-tune, ~60 s (docs/testing.md)
 def test_valence_carried_only_by_a_number_beats_the_words_only_controls(dose_model_dir, dose_file):
     result = _result(analyze([dose_model_dir], [dose_file], Settings(folds=4, bootstrap=200, draws=200)))
     probe, matching = result["probe"], result["matching"]

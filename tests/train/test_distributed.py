@@ -49,6 +49,7 @@ def worker_results(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow  # worker_results: 1 process + 1 torchrun launch, ~160 CPU s (docs/testing.md)
 def test_fsdp_with_an_untied_output_layer(worker_results):
     """Untied bases (Qwen3-8B) shard the input embedding on its own; still the same training to 1e-5."""
     reference = load_file(worker_results / "untied-1x2x2.safetensors")
@@ -56,6 +57,7 @@ def test_fsdp_with_an_untied_output_layer(worker_results):
     assert_same_tensors(reference, load_file(worker_results / "untied-fsdp2x2.safetensors"), 1e-5)
 
 
+@pytest.mark.slow  # worker_results: 1 process + 1 torchrun launch, ~160 CPU s (docs/testing.md)
 @pytest.mark.parametrize("suffix", ["", "-unequal"])
 def test_two_ranks_equal_one_process(worker_results, suffix):
     """2 ranks x micro-batch 2 (DDP, and FSDP-sharded) == 1 x micro-batch 4 == 1 x micro-batch 2 x accumulation 2,
@@ -79,6 +81,7 @@ def test_two_ranks_equal_one_process(worker_results, suffix):
         assert ref_log["logs"][0]["witness_tokens"] < plain[0]["witness_tokens"]
 
 
+@pytest.mark.slow  # worker_results: 1 process + 1 torchrun launch, ~160 CPU s (docs/testing.md)
 def test_packed_rows_on_two_ranks_equal_one_process(worker_results):
     """data.packing under DDP: 2 ranks x 1 packed row == 1 process x 1 row x accumulation 2, two SGD steps. The
     rows hold different numbers of triples and targets, so the all-reduced span counts are what makes them equal."""
@@ -108,7 +111,8 @@ def three_steps(tmp_path_factory, tiny_model_dir):
 
 # DDP's run is slow-only (-m slow; ~130 CPU s, docs/testing.md): FSDP's run goes through the same CLI, overwrite,
 # rank-0-only writes and resume under two processes, and DDP's exactness is the fast tests above.
-@pytest.mark.parametrize("fsdp", [pytest.param(False, marks=pytest.mark.slow), True], ids=["ddp", "fsdp"])
+@pytest.mark.slow  # 3 torchrun launches each, ~120 CPU s (docs/testing.md)
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_torchrun_cli_replaces_a_run_and_resumes(tmp_path, tiny_model_dir, three_steps, fsdp):
     """`torchrun -m tear_lora.cli train` with overwrite replaces a previous run (only rank 0 touches the run dir);
     after two steps with a checkpoint each, `--resume` under two processes continues to the same adapter as one

@@ -148,6 +148,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path, tiny_model_dir, capsys):
     assert (tmp_path / "adapters/twice/adapter_model.safetensors").read_bytes() == before
 
 
+@pytest.mark.slow  # 5 processes, ~70 s (docs/testing.md)
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 

@@ -202,7 +202,8 @@ def test_resume_continues_the_interrupted_attempt_and_refuses_another_recipe(tmp
                                                                            capsys):
     """Issue 20: run A finished (lr 1e-4, checkpoints 2 and 4); run B of the same name (overwrite, lr 5e-2) was
     interrupted after checkpoint 2. `--resume` with B's recipe continues B, not A's newer checkpoint 4; with any
-    other recipe it is refused, naming the keys that differ, and nothing changes."""
+    other recipe it is refused, naming the keys that differ, and nothing changes; the resumed B equals B run
+    without a stop."""
     from safetensors.torch import load_file
 
     a = run(fast_recipe(tiny_model_dir, tmp_path, run_name="ab", learning_rate=1e-4))
@@ -234,6 +235,11 @@ def test_resume_continues_the_interrupted_attempt_and_refuses_another_recipe(tmp
     assert json.loads((a / "training_args.json").read_text())["learning_rate"] == 5e-2
     assert max_difference(a_weights, load_file(a / "adapter_model.safetensors")) > 1e-3
     assert leftovers(tmp_path, "ab") == []
+    # and the resumed run is the run B would have been uninterrupted (the in-process twin of the slow SIGKILL /
+    # SIGTERM resume tests, which prove it across processes)
+    straight = run(fast_recipe(tiny_model_dir, tmp_path, run_name="straight", learning_rate=5e-2))
+    assert max_difference(load_file(straight / "adapter_model.safetensors"),
+                          load_file(a / "adapter_model.safetensors")) <= 1e-5
 
 
 def test_resume_refuses_a_checkpoint_missing_trainable_keys(tmp_path, tiny_model_dir, tokenizer):
@@ -249,6 +255,7 @@ def test_resume_refuses_a_checkpoint_missing_trainable_keys(tmp_path, tiny_model
         trainer._load_from_checkpoint(str(tmp_path / "good"))
 
 
+@pytest.mark.slow  # 3 processes, ~60 s (docs/testing.md)
 def test_sigterm_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
