@@ -3,6 +3,7 @@ in the README points at a file that exists."""
 
 import re
 
+import pytest
 import yaml
 
 from .conftest import REPO
@@ -15,6 +16,7 @@ def python_block() -> str:
     return block
 
 
+@pytest.mark.slow  # trains, evaluates and merges through the Python API, ~28 s (docs/testing.md)
 def test_python_example_runs(tmp_path, tiny_model_dir, capsys):
     raw = yaml.safe_load((REPO / "recipes/tiny-cpu.yaml").read_text())
     raw["model"]["name_or_path"] = str(tiny_model_dir)

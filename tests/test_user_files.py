@@ -145,6 +145,7 @@ WRITERS = {
     "scripts/make_demo_model.py": Writer("models/smollm2", "build", _demo_model_script,
                                          "not a finished tear_lora demo model"),
 }
+SLOW_RUNS = {"scripts/make_demo_model.py": "a real GGUF conversion of SmolLM2-135M, ~23 s: in the slow pass"}
 FILE_WRITERS = {  # verbs that write one file you name (a plot): rundir.atomic_write_bytes, test_plot_file_…
     "compare": "--plot", "analyze": "--plot", "report": "--plot (default <adapter>/training_curves.png)",
     "sweep": "--plot, besides its run dirs (a row above)",
@@ -169,8 +170,10 @@ def ctx(request, tmp_path, recipe_file):
     fake_pip = tmp_path / "fake-python"
     fake_pip.write_text(FAKE_PIP)
     fake_pip.chmod(0o755)
+    contrast = tmp_path / "contrast16.jsonl"  # 8 pairs: the row proves where the report is written, not the study
+    contrast.write_text("".join((REPO / "data/raw/contrast.jsonl").read_text().splitlines(keepends=True)[:16]))
     found = {"recipe": str(recipe_file), "eval": str(REPO / "data/raw/eval.jsonl"), "fake_pip": fake_pip,
-             "contrast": str(REPO / "data/raw/contrast.jsonl")}
+             "contrast": str(contrast)}
     if any(n in request.node.name for n in ("merge", "bundle", "analyze")):
         trained = request.getfixturevalue("pair")
         found.update(a=str(trained["a"]), b=str(trained["b"]))
@@ -223,7 +226,8 @@ def _plant_siblings(writer: Writer, target: Path) -> dict:
     return {where / name: plant_canaries(where / name) for name in names}
 
 
-@pytest.mark.parametrize("name", WRITERS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_RUNS else name
+                                  for name in WRITERS])
 def test_a_file_added_during_the_run_and_siblings_with_our_prefix_are_kept(name, ctx, tmp_path, monkeypatch, capsys):
     """Two columns of the table, one run each (a run costs seconds, not milliseconds):
     - issue 28 case 3: the check and the swap are minutes apart. A NOTES.txt the user saves into the output while

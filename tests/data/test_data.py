@@ -35,8 +35,29 @@ def test_bundled_data_has_no_near_duplicates_or_overlap():
     assert len(set(inputs)) == len(inputs)
     ids = [r.fields["id"] for r in rows]
     assert len(set(ids)) == len(ids)
-    worst = max((SequenceMatcher(None, a, b).ratio(), a, b) for i, a in enumerate(inputs) for b in inputs[i + 1:])
-    assert worst[0] < 0.8, worst
+    assert near_duplicates(inputs) == []
+
+
+def near_duplicates(texts: list[str], limit: float = 0.8) -> list[tuple[float, str, str]]:
+    """Pairs whose SequenceMatcher ratio reaches `limit`. real_quick_ratio and quick_ratio bound ratio from
+    above, so the exact (quadratic) ratio is computed only where a bound reaches the limit: same answer, ~20x
+    faster on the bundled data."""
+    found = []
+    matcher = SequenceMatcher(None)
+    for i, b in enumerate(texts):
+        matcher.set_seq2(b)  # SequenceMatcher caches what it learns about seq2
+        for a in texts[:i]:
+            matcher.set_seq1(a)
+            if matcher.real_quick_ratio() >= limit and matcher.quick_ratio() >= limit and matcher.ratio() >= limit:
+                found.append((matcher.ratio(), a, b))
+    return found
+
+
+def test_near_duplicates_finds_an_edited_copy():
+    text = "My landlord kept my deposit after I moved out and says the carpet was stained. What can I do?"
+    edited = text.replace("carpet", "floor").replace("What can I do?", "What are my options?")
+    found = near_duplicates(["How do I descale a kettle?", text, "Is it safe to mix bleach and vinegar?", edited])
+    assert [(a, b) for _, a, b in found] == [(text, edited)]
 
 
 def test_bad_row_names_file_line_field(tmp_path):

@@ -88,6 +88,7 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+@pytest.mark.slow  # 2 processes with eval, ~47 s (docs/testing.md)
 def test_train_end_to_end_and_reload_in_fresh_process(tmp_path, tiny_model_dir):
     recipe = write_recipe(tmp_path, tiny_model_dir, "e2e", max_steps=4, save_steps=2, learning_rate=1e-2)
     out = finish(tear_lora("train", recipe))
