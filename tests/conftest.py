@@ -72,7 +72,7 @@ def pytest_terminal_summary(terminalreporter, config):
 # Under xdist (`--dist loadfile`) a worker takes the next whole file when it is free: the longest files go first
 # so that no long one starts last while the other worker idles (CPU seconds measured in docs/testing.md). One
 # order serves both passes: the slow pass's files first (the fast suite has few or none of their tests).
-LONGEST_FIRST = ("test_demo.py", "test_verify_demo.py", "test_serving_server.py", "test_serving_page.py",
+LONGEST_FIRST = ("test_demo.py", "test_plan.py", "test_verify_demo.py", "test_serving_server.py", "test_serving_page.py",
                  "test_distributed.py", "test_bench.py", "test_user_files.py", "test_train_safety.py", "test_train.py",
                  "test_analyze.py", "test_gguf.py", "test_evaluate.py", "test_export.py", "test_integrity.py",
                  "test_cli_errors.py", "test_packing.py")
