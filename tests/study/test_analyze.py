@@ -20,6 +20,7 @@ import torch
 
 from tear_lora.cli import main
 from tear_lora.study.analyze import Settings, analyze
+from tear_lora.study.nulls import unit_bootstrap
 
 WORDS = [" apple", " stone", " river", " candle", " paper", " horse", " glass", " cloud", " bread", " metal",
          " music", " salt"]
@@ -150,6 +151,51 @@ def test_model_that_reads_the_response_matches_and_is_sensitive(copy_model_dir, 
     # the witness repeats its response's word: the words-only control matches every pair as well
     assert matching["lexical"]["p_positive"] == 1.0 and matching["lexical"]["delta_nats"] > 0.5
     assert sensitivity["lexical"]["nats_per_word"] > 0.5
+
+
+class RecordingScorer:
+    """A stand-in scorer: every (input, response, witness) it is asked about gets its own fixed random NLL, and it
+    remembers what it was asked. Sensitivity can then be computed by hand from the true minimal partners."""
+
+    def __init__(self):
+        self.settings, self.seen, self.nll = Settings(bootstrap=20, draws=20), [], {}
+        self.rng = np.random.default_rng(0)
+
+    def encode(self, x, response, witness):
+        return (x, response, witness)
+
+    def witness_nll(self, encoded, what):
+        self.seen += encoded
+        for key in encoded:
+            self.nll.setdefault(key, (float(self.rng.uniform(1, 9)), 3))
+        return np.array([self.nll[key] for key in encoded], dtype=float)
+
+
+def test_sensitivity_swaps_each_response_with_its_true_minimal_partner():
+    """Round 2 swapped in a random row of the domain (another scenario). Every response scored against a witness
+    comes from a row with the same input, and the figure is exactly the true partners' swap, by hand."""
+    from tear_lora.study.analyze import witness_swaps
+
+    rows = [{"input": f"situation {p}", "response": f"{valence} answer {p}", "witness": f"{valence} outcome {p}",
+             "meta": {"domain": "one", "pair": p, "valence": valence}}
+            for p in range(6) for valence in ("helpful", "harmful")]
+    scorer = RecordingScorer()
+    _, sensitivity = witness_swaps(scorer, rows)
+    inputs_of = {row["response"]: row["input"] for row in rows}
+    assert {inputs_of[response] == x for x, response, _ in scorer.seen} == {True}
+    differences = []
+    for p in range(6):
+        a, b = rows[2 * p], rows[2 * p + 1]
+        nll = {(r["response"], w["witness"]): scorer.nll[(a["input"], r["response"], w["witness"])][0]
+               for r in (a, b) for w in (a, b)}
+        differences.append(nll[b["response"], a["witness"]] - nll[a["response"], a["witness"]]
+                           + nll[a["response"], b["witness"]] - nll[b["response"], b["witness"]])
+    differences, tokens = np.array(differences), np.full(6, 6.0)
+    assert sensitivity["n"] == 12
+    assert sensitivity["nats_per_token"] == pytest.approx(differences.sum() / tokens.sum(), rel=1e-9)
+    # per pair too (the interval resamples pairs): a total alone would not see partners swapped between pairs
+    expected = unit_bootstrap(differences, [f"pair:{p}" for p in range(6)], 20, 0, tokens)
+    assert sensitivity["ci"] == pytest.approx(expected, rel=1e-9)
 
 
 def test_model_that_ignores_the_response_gets_zero_margin_and_sensitivity(random_model_dir, pairs_file):
