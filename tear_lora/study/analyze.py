@@ -34,7 +34,7 @@ from tear_lora.data.prepare import read_triples
 
 from .lexical import OverlapScorer, auroc_difference, word_control_scores
 from .nulls import matching_stats, unit_bootstrap
-from .probe import probe, probe_splits
+from .probe import TooFewGroups, probe, probe_splits
 from .scorer import Scorer, Settings
 
 LABELS = {"helpful": 0, "harmful": 1}
@@ -149,7 +149,10 @@ def words_controls(rows: list[dict], settings: Settings) -> dict | None:
     if len(kept) < 8 or min(np.bincount(labels, minlength=2)) < 4:
         return None
     groups = np.unique([group_key(rows[i], i) for i in kept], return_inverse=True)[1]
-    _, score, _, outer = probe_splits(labels, groups, settings.folds, settings.seed)
+    try:
+        _, score, _, outer = probe_splits(labels, groups, settings.folds, settings.seed)
+    except TooFewGroups:
+        return None  # the probe says why it is skipped
     pairs = [(rows[kept[i]]["input"], rows[kept[i]]["response"]) for i in score]
     scores = word_control_scores(pairs, labels[score], groups[score], outer, settings.seed)
     return {"rows": [kept[i] for i in score], "scores": scores}
@@ -167,10 +170,14 @@ def impact_probe(scorer: Scorer, rows: list[dict], words: dict | None) -> dict:
     labels = np.array([label_of(rows[i]) for i in kept], dtype=int)
     if len(kept) < 8 or min(np.bincount(labels, minlength=2)) < 4:
         return {"skipped": "needs at least 4 helpful and 4 harmful rows (meta.valence or meta.label) that fit"}
-    states = scorer.response_end_states(encoded)
     groups = [group_key(rows[i], i) for i in kept]
     units = [pair_key(rows[i]) or f"row:{i}" for i in kept]
     settings = scorer.settings
+    try:  # before the forward passes: the splits depend on the data only
+        probe_splits(labels, np.array(groups), settings.folds, settings.seed)
+    except TooFewGroups as e:
+        return {"skipped": str(e)}
+    states = scorer.response_end_states(encoded)
     result = probe(states, labels, groups, units, settings.folds, settings.draws, settings.seed)
     layer_ids = settings.layers or list(range(states.shape[0]))
     scored = [kept[i] for i in result["scored_index"]]

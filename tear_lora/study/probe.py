@@ -42,10 +42,20 @@ def selection_split(groups: np.ndarray, labels: np.ndarray, seed: int,
     return np.flatnonzero(selected), np.flatnonzero(~selected)
 
 
+class TooFewGroups(ValueError):
+    """The data has too few groups for a grouped selection split with grouped folds on each side."""
+
+
 def probe_splits(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> tuple:
     """(selection rows, scored rows, folds inside the selection split, folds inside the scored split), every one
-    grouped: they depend on the groups and the seed only, so every source and every words control shares them."""
+    grouped: they depend on the groups and the seed only, so every source and every words control shares them.
+    Each side needs two groups or more (folds keep a group whole), else TooFewGroups says so."""
     select, score = selection_split(groups, labels, seed)
+    for side, rows in (("selection", select), ("scored", score)):
+        if len(set(groups[rows])) < 2:
+            raise TooFewGroups(f"needs rows from more groups (families, else pairs): {len(set(groups))} here, "
+                               f"which leaves the {side} split {len(set(groups[rows]))} (a quarter of the groups "
+                               "choose the layer, the rest are scored, each side in grouped folds)")
     inner = probe_folds(labels[select], groups[select], min(folds, len(set(groups[select]))), seed)
     outer = probe_folds(labels[score], groups[score], min(folds, len(set(groups[score]))), seed)
     return select, score, inner, outer

@@ -198,6 +198,20 @@ def test_sensitivity_swaps_each_response_with_its_true_minimal_partner():
     assert sensitivity["ci"] == pytest.approx(expected, rel=1e-9)
 
 
+def test_probe_on_too_few_families_is_skipped_with_the_reason():
+    """Eight pairs of one family: no grouped selection split exists. The probe and the words controls say so (a
+    ValueError traceback from scikit-learn's KFold before), and no forward pass is spent on it."""
+    from tear_lora.study.analyze import impact_probe, words_controls
+
+    rows = [{"input": f"situation {p}", "response": f"{valence} answer {p}", "witness": f"{valence} outcome {p}",
+             "meta": {"family": "only-one", "pair": p, "valence": valence}}
+            for p in range(8) for valence in ("helpful", "harmful")]
+    scorer = RecordingScorer()
+    scorer.response_end_states = None  # never called
+    result = impact_probe(scorer, rows, words_controls(rows, scorer.settings))
+    assert "needs rows from more groups" in result["skipped"] and "1 here" in result["skipped"]
+
+
 def test_model_that_ignores_the_response_gets_zero_margin_and_sensitivity(random_model_dir, pairs_file):
     result = _result(analyze([random_model_dir], [pairs_file], FAST))
     matching, sensitivity = result["matching"], result["sensitivity"]
