@@ -109,13 +109,14 @@ if [ "$ROUND" = 3 ]; then
   done
   mapfile -t runs < <(ls -d adapters/"$NAME"-plain-seed*-lambda* adapters/"$NAME"-shuffled-seed*-lambda*)
   # two calls, the rule's data first: the in-family file is three times as long and only reported, so a study
-  # cut short still has what the rule decides on (each call loads the base once)
+  # cut short still has what the rule decides on (each call loads the base once); the tables print here and are
+  # kept once, as analyze.txt in each report dir
   echo "== analyze (one base, every adapter): the held-out families (the rule's data)"
   nice -n 10 tear-lora analyze "${runs[@]}" --data "$SPLIT/$stem.out.jsonl" \
-    --report "$OUT/lambda_study_r3" --overwrite > "$OUT/lambda_study_r3.txt"
+    --report "$OUT/lambda_study_r3" --overwrite
   echo "== analyze: the 16 training families (reported, not decided on)"
   nice -n 10 tear-lora analyze "${runs[@]}" --data "$SPLIT/$stem.in.jsonl" \
-    --report "$OUT/lambda_study_r3_in_family" --overwrite > "$OUT/lambda_study_r3_in_family.txt"
+    --report "$OUT/lambda_study_r3_in_family" --overwrite
   echo "study finished in $((SECONDS - started)) s; tables: $OUT/lambda_study_r3/tables.md"
   exit 0
 fi
