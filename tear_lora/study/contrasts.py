@@ -65,20 +65,24 @@ def _per_seed_draws(instrument: str, results: list[dict], weights_for) -> tuple[
     return np.array(observed), np.stack(draws)
 
 
-def two_level(report: dict, data_file: str, instrument: str, draws: int = 2000, seed: int = 0) -> dict:
+def two_level(report: dict, data_file: str, instrument: str, draws: int = 2000, seed: int = 0,
+              cluster: dict[str, str] | None = None) -> dict:
     """{(arm, λ): {"mean", "ci", "seeds", "draws"}}: seed-averaged probe AUROC ("probe") or matching Δ
-    ("matching"), items resampled first (one draw shared by every arm), then seeds within the arm."""
+    ("matching"), items resampled first (one draw shared by every arm), then seeds within the arm. cluster maps
+    an item to a coarser unit drawn whole instead (its family): items of one family share more than chance, so
+    a claim about new families needs the families resampled, not the quadruples."""
     groups = groups_of(report, data_file, instrument)
     if not groups:
         return {}
     key = "scored_items" if instrument == "probe" else "items"
-    all_items = {item for results in groups.values() for result in results for item in result[key]}
-    universe = {item: k for k, item in enumerate(sorted(all_items))}
+    unit_of = cluster or {}
+    all_units = {unit_of.get(item, item) for results in groups.values() for result in results for item in result[key]}
+    universe = {unit: k for k, unit in enumerate(sorted(all_units))}
     rng = np.random.default_rng(seed)
-    item_weights = unit_weights(np.arange(len(universe)), draws, rng)  # [draws, items]
+    unit_draws = unit_weights(np.arange(len(universe)), draws, rng)  # [draws, units]
 
     def weights_for(items):
-        return item_weights[:, [universe[i] for i in items]]
+        return unit_draws[:, [universe[unit_of.get(i, i)] for i in items]]
 
     out = {}
     for key, results in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1)):
@@ -119,10 +123,11 @@ def contrasts(groups: dict, named: tuple = PRIMARY) -> list[dict]:
     return rows
 
 
-def decide(report: dict, data_file: str, draws: int = 2000, seed: int = 0) -> dict:
+def decide(report: dict, data_file: str, draws: int = 2000, seed: int = 0,
+           cluster: dict[str, str] | None = None) -> dict:
     """The round-3 rule on one data file (the held-out families): positive, negative or inconclusive, with the
-    figures it was decided on."""
-    probe = two_level(report, data_file, "probe", draws, seed)
+    figures it was decided on. cluster: as in two_level (the rule itself resamples quadruples)."""
+    probe = two_level(report, data_file, "probe", draws, seed, cluster)
     primary = contrasts(probe)
     lambda1 = probe.get(("plain", 1.0), {}).get("mean")
     words = next((r.get("words") for rs in groups_of(report, data_file, "probe").values() for r in rs), None) or {}
@@ -135,7 +140,7 @@ def decide(report: dict, data_file: str, draws: int = 2000, seed: int = 0) -> di
         verdict = "negative"
     else:
         verdict = "inconclusive"
-    secondary = contrasts(two_level(report, data_file, "matching", draws, seed), (PRIMARY[0],))
+    secondary = contrasts(two_level(report, data_file, "matching", draws, seed, cluster), (PRIMARY[0],))
     return {"data": data_file, "verdict": verdict, "rule": RULE, "lambda1_auroc": lambda1, "words": words,
             "primary": primary, "secondary_matching_delta": secondary,
             "groups": {f"{arm} λ{lam:g}" if lam is not None else arm: {k: v for k, v in g.items() if k != "draws"}

@@ -1,0 +1,37 @@
+"""The round-3 rule's figures again, with whole families resampled instead of quadruples (prints; writes nothing).
+
+The rule (docs/experiments/round3_rule.md) resamples the 64 held-out quadruples; but they come from 8 families,
+and quadruples of one family share more than chance, so an effect carried by one family looks certain at the
+quadruple level. This re-runs `contrasts.decide` on the same `analyze` JSON with each quadruple mapped to its
+family (meta.family of the data file's rows): a check of the reading, not a second rule.
+    python scripts/experiments/family_bootstrap.py docs/experiments/lambda_study_r3/analyze.json \
+        data/processed/splits/quad-r3/quad_eval.out.jsonl
+"""
+
+import argparse
+import json
+
+from tear_lora.data.prepare import load_triples
+from tear_lora.study.contrasts import decide
+
+parser = argparse.ArgumentParser()
+parser.add_argument("analyze_json")
+parser.add_argument("data_file", help="as the analyze JSON names it (the rows' meta.quad and meta.family)")
+parser.add_argument("--draws", type=int, default=2000)
+args = parser.parse_args()
+with open(args.analyze_json, encoding="utf-8") as f:
+    report = json.load(f)
+family = {}
+for row in load_triples(args.data_file)[0]:
+    meta = row.fields.get("meta") or {}
+    if meta.get("quad") is not None and meta.get("family") is not None:
+        family[f"quad:{meta['quad']}"] = f"family:{meta['family']}"
+if not family:
+    raise SystemExit(f"error: {args.data_file}: no row has both meta.quad and meta.family")
+for unit, cluster in (("quadruples (the rule)", None), (f"families ({len(set(family.values()))})", family)):
+    decision = decide(report, args.data_file, args.draws, cluster=cluster)
+    print(f"resampling {unit}: verdict {decision['verdict']}")
+    for c in decision["primary"] + decision["secondary_matching_delta"]:
+        name = c["contrast"] if c in decision["primary"] else f"{c['contrast']} (matching Δ)"
+        print(f"  {name:<24} {c['estimate']:+.4f}  [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] at {c['level']:.3f}"
+              f"  p (Holm) {c['p_holm']:.3f}")
