@@ -7,8 +7,8 @@
 #   within their family (scripts/experiments/shuffle_witnesses.py), SEEDS (42 7 1), EPOCHS (1), each sweep's eval
 #   on the held-out families (the sweep tables give held-out NLL per span); the base
 #   `tear-lora analyze --report $OUT/lambda_study_r3` on the 8 held-out families of data/raw/quad_eval.jsonl (the
-#   rule's data), then `--report $OUT/lambda_study_r3_in_family` on its 16 training families; about 2 h on 2 CPU
-#   cores (9 trainings of ~8 min, then analyze)
+#   rule's data), then `--report $OUT/lambda_study_r3_in_family` on its 16 training families; about 3 h on 2 CPU
+#   cores, measured in docs/experiments/lambda.md ("Round-3 results")
 # ROUND=2 (issue 24): instruments that can fail.
 #   `tear-lora split-domains` holds out HOLD_OUT (default code,relationships) from every bundled file
 #   λ ∈ LAMBDAS (0,1,2) × SEEDS (42 7 1), plain objective, trained on the left-in domains only
