@@ -3,16 +3,20 @@
 The rule (docs/experiments/round3_rule.md) resamples the 64 held-out quadruples; but they come from 8 families,
 and quadruples of one family share more than chance, so an effect carried by one family looks certain at the
 quadruple level. This re-runs `contrasts.decide` on the same `analyze` JSON with each quadruple mapped to its
-family (meta.family of the data file's rows): a check of the reading, not a second rule.
+family (meta.family of the data file's rows): a check of the reading, not a second rule. It also prints the
+seed-averaged matching Δ of each arm in each family, to see which families carry an effect.
     python scripts/experiments/family_bootstrap.py docs/experiments/lambda_study_r3/analyze.json \
         data/processed/splits/quad-r3/quad_eval.out.jsonl
 """
 
 import argparse
 import json
+from collections import defaultdict
+
+import numpy as np
 
 from tear_lora.data.prepare import load_triples
-from tear_lora.study.contrasts import decide
+from tear_lora.study.contrasts import arm_of, decide
 
 parser = argparse.ArgumentParser()
 parser.add_argument("analyze_json")
@@ -31,7 +35,24 @@ if not family:
 for unit, cluster in (("quadruples (the rule)", None), (f"families ({len(set(family.values()))})", family)):
     decision = decide(report, args.data_file, args.draws, cluster=cluster)
     print(f"resampling {unit}: verdict {decision['verdict']}")
-    for c in decision["primary"] + decision["secondary_matching_delta"]:
-        name = c["contrast"] if c in decision["primary"] else f"{c['contrast']} (matching Δ)"
+    named = [(c["contrast"], c) for c in decision["primary"]]
+    named += [(f"{c['contrast']} (matching Δ)", c) for c in decision["secondary_matching_delta"]]
+    for name, c in named:
         print(f"  {name:<24} {c['estimate']:+.4f}  [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] at {c['level']:.3f}"
               f"  p (Holm) {c['p_holm']:.3f}")
+
+per_family = defaultdict(lambda: defaultdict(list))  # {arm: {family: [each seed's mean Δ over its pairs]}}
+for source in report["sources"]:
+    matching = source["data"][args.data_file]["matching"]
+    if "skipped" in matching:
+        continue
+    arm = arm_of(source) + ("" if source["lambda"] is None else f" λ{source['lambda']:g}")
+    pairs = defaultdict(list)
+    for item, delta in zip(matching["items"], matching["per_pair_delta"]):
+        pairs[family.get(item, item)].append(delta)
+    for name, deltas in pairs.items():
+        per_family[arm][name].append(float(np.mean(deltas)))
+arms = sorted(per_family)
+print("matching Δ (nats/token) per family, seed mean:\n  " + f"{'family':<30}" + "".join(f"{a:>14}" for a in arms))
+for name in sorted({f for by in per_family.values() for f in by}):
+    print(f"  {name:<30}" + "".join(f"{np.mean(per_family[a][name]):>+14.3f}" for a in arms))
