@@ -156,10 +156,12 @@ class TearTrainer(FsdpCheckpointing, SFTTrainer):
         return next((v for v in reversed(losses) if math.isfinite(v)), None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore the adapter into the live parameters on --resume.
+        """Restore the adapter into the live parameters on --resume, and refuse a checkpoint that lacks any
+        trainable one.
 
-        HF resumes PEFT models with `load_adapter`, which leaves the trainable token rows at their initial
-        values; loading the saved adapter state in place restores LoRA and token rows alike.
+        HF resumes PEFT models with `load_adapter`, which restores what the file holds (the token rows too, with
+        PEFT 0.21) but reports only missing LoRA keys, and the Trainer does not read the report: a checkpoint
+        without its token rows would silently resume them from their initial values.
         """
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
