@@ -36,7 +36,7 @@ from . import rawdata, template
 from tear_lora import rundir
 from .packing import PACKED_FEATURES, describe_packing, pack_triples, packing_stats
 from .rawdata import DataError, Reject, Row, TripleReader, load_triples
-from .tokens import tokenizer_hash
+from .tokens import longest_entry, tokenizer_hash
 
 __all__ = ["DataError", "Prepared", "Reject", "Row", "TripleReader", "file_hash", "load_triples",
            "prepare", "read_triples", "tokenize_row"]
@@ -53,8 +53,7 @@ LOCK_POLL_S = 0.25
 def field_bound(tokenizer, max_seq_len: int) -> int:
     """Characters beyond which a field cannot fit `max_seq_len` tokens: no token is longer than the vocabulary's
     longest entry (byte-level entries hold at least one character per byte), so longer text needs more tokens."""
-    longest = max(map(len, tokenizer.get_vocab()), default=1)
-    return max_seq_len * max(longest, 1)
+    return max_seq_len * max(longest_entry(tokenizer), 1)
 
 
 def tokenize_row(tokenizer, fields: dict, max_seq_len: int, truncation: str, min_input_tokens: int):

@@ -49,7 +49,10 @@ def add_structural_tokens(tokenizer) -> dict[str, int]:
     Special so that decoding with skip_special_tokens hides them; normalized=False so they match verbatim.
     Ids go right after the tokenizer's last entry, which for Qwen3 lands inside its spare embedding rows.
     """
-    missing = [t for t in STRUCTURAL_TOKENS if t not in tokenizer.get_vocab()]
+    missing = [t for t in STRUCTURAL_TOKENS if t not in tokenizer.get_added_vocab()]  # a few dozen entries
+    if missing:  # the whole vocabulary (~0.1 s on Qwen3's 151k) only when a tag is not an added token
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in missing if t not in vocab]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     if tokenizer.pad_token is None:  # base models often lack one; padding is masked out of every loss anyway
@@ -111,5 +114,26 @@ def _init_rows(model, tokenizer, ids: dict[str, int], init: str) -> None:
 
 def tokenizer_hash(tokenizer) -> str:
     """Identity of a vocabulary (ids, tags included), independent of where the tokenizer was loaded from."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return _vocabulary_facts(tokenizer)[0]
+
+
+def longest_entry(tokenizer) -> int:
+    """Characters in the vocabulary's longest entry."""
+    return _vocabulary_facts(tokenizer)[1]
+
+
+def _vocabulary_facts(tokenizer) -> tuple[str, int]:
+    """(hash, longest entry) from one read of the vocabulary, remembered on the tokenizer.
+
+    Reading and hashing Qwen3's 151k entries takes ~0.3 s and one run asks several times (each data file, the
+    metadata, the base check). A tokenizer's vocabulary only changes by adding tokens, so its length keys what
+    is remembered."""
+    size = len(tokenizer)
+    remembered = getattr(tokenizer, "_tear_lora_vocabulary", None)
+    if remembered is None or remembered[0] != size:
+        vocab = tokenizer.get_vocab()
+        ordered = sorted(vocab.items(), key=lambda kv: kv[1])
+        digest = hashlib.sha256(json.dumps(ordered, ensure_ascii=False).encode()).hexdigest()[:16]
+        remembered = (size, (digest, max(map(len, vocab), default=1)))
+        tokenizer._tear_lora_vocabulary = remembered
+    return remembered[1]
