@@ -196,9 +196,10 @@ class EvilModel(Qwen3ForCausalLM):
 """
 
 
-def test_trust_remote_code_is_never_taken_from_the_adapter(adapter, tiny_model_dir, tmp_path):
+def test_trust_remote_code_is_never_taken_from_the_adapter(adapter, tiny_model_dir, tmp_path, monkeypatch):
     """An adapter whose recipe.yaml says trust_remote_code: true, on a base that ships code: no code runs
-    unless --trust-remote-code is given."""
+    unless --trust-remote-code is given. Without the flag the CLI runs in this process (were the code run, it
+    would write the sentinel here too); with it, in a process of its own, so that the code runs outside the suite."""
     base, sentinel = Path(shutil.copytree(tiny_model_dir, tmp_path / "base-with-code")), tmp_path / "ran"
     (base / "evil.py").write_text(EVIL_MODULE.format(sentinel=str(sentinel)))
     config = json.loads((base / "config.json").read_text())
@@ -211,12 +212,13 @@ def test_trust_remote_code_is_never_taken_from_the_adapter(adapter, tiny_model_d
 
     assert adapter_recipe(adapter).model.trust_remote_code is False
     assert adapter_recipe(adapter, trust_remote_code=True).model.trust_remote_code is True
-    command = [sys.executable, "-m", "tear_lora.cli", "generate", str(adapter), "--input", "hi", "--max-new-tokens", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    argv = ["generate", str(adapter), "--input", "hi", "--max-new-tokens", "1"]
+    monkeypatch.setattr("transformers.dynamic_module_utils.HF_MODULES_CACHE", str(tmp_path / "modules"))
+    assert main(argv) == 0
     assert not sentinel.exists()
-    subprocess.run([*command, "--trust-remote-code"], capture_output=True, timeout=300, cwd=REPO, env=env)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    subprocess.run([sys.executable, "-m", "tear_lora.cli", *argv, "--trust-remote-code"], capture_output=True,
+                   timeout=300, cwd=REPO, env=env)
     assert sentinel.exists()  # the flag, and only the flag, lets it run
 
 

@@ -73,7 +73,7 @@ def _train_witness(tokenizer, triples, steps):
     rows = [template.encode(tokenizer, template.segments(*triple))[:2] for triple in triples]
     ids, roles = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
     targets = roles[:, 1:] == template.WITNESS
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)  # ~10x faster than foreach on CPU
     torch.manual_seed(0)
     for _ in range(steps):
         hidden = model.model(input_ids=ids).last_hidden_state[:, :-1][targets]  # only the witness positions
